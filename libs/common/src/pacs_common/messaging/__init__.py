@@ -1,0 +1,1 @@
+"""Messaging over RabbitMQ (aio-pika): topology, confirmed publishing, consumers."""

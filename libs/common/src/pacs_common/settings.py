@@ -1,0 +1,161 @@
+"""Settings of the PACS, one pydantic-settings class per concern.
+
+Every value comes from an environment variable with the ``PACS_`` prefix (for
+example ``PACS_DB_URL``); the defaults run against PostgreSQL and RabbitMQ on
+127.0.0.1 and filesystem storage under ``./data``.  Each service builds only
+the classes it needs, in its ``main``; nothing here is instantiated at import.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class DatabaseSettings(BaseSettings):
+    """The PostgreSQL index."""
+
+    model_config = SettingsConfigDict(env_prefix="PACS_DB_", extra="ignore")
+
+    url: str = "postgresql://postgres@127.0.0.1:5432/pacs"
+    pool_min_size: int = Field(default=1, ge=0)
+    pool_max_size: int = Field(default=10, ge=1)
+    command_timeout_seconds: float = Field(default=60.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_only(cls, value: str) -> str:
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("PACS_DB_URL must be a postgresql:// URL")
+        return value
+
+
+class BrokerSettings(BaseSettings):
+    """RabbitMQ."""
+
+    model_config = SettingsConfigDict(env_prefix="PACS_AMQP_", extra="ignore")
+
+    url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    # Prefix of every exchange and queue name; lets several systems (or test
+    # sessions) share one broker without seeing each other's messages.
+    namespace: str = ""
+    publish_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Delays of the retry queues, one queue per attempt; a message that has
+    # failed once per delay goes to the dead-letter queue.
+    retry_delays_ms: list[int] = Field(default=[1_000, 10_000, 60_000], min_length=1)
+    ingest_queue_max_length: int | None = Field(default=None, ge=1)
+
+
+class StorageBackendKind(StrEnum):
+    FILESYSTEM = "filesystem"
+    S3 = "s3"
+    AZURE = "azure"
+
+
+class StorageTierSettings(BaseSettings):
+    """One storage tier (hot, warm, cold): which backend and where.
+
+    Built per tier with ``StorageTierSettings.for_tier("hot")``, which reads
+    ``PACS_STORAGE_HOT_*``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="PACS_STORAGE_HOT_", extra="ignore")
+
+    backend: StorageBackendKind = StorageBackendKind.FILESYSTEM
+    # filesystem
+    path: Path = Path("data/hot")
+    fsync: bool = True
+    # s3
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_bucket: str = "pacs"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_storage_class: str | None = None
+    # azure
+    azure_connection_string: SecretStr | None = None
+    azure_container: str = "pacs"
+    azure_access_tier: str | None = None
+    # common
+    prefix: str = ""
+    multipart_threshold_bytes: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
+    multipart_chunk_bytes: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
+
+    @classmethod
+    def for_tier(cls, tier: str) -> StorageTierSettings:
+        return cls(_env_prefix=f"PACS_STORAGE_{tier.upper()}_")  # type: ignore[call-arg]
+
+
+class TelemetrySettings(BaseSettings):
+    """Logging, metrics and tracing."""
+
+    model_config = SettingsConfigDict(env_prefix="PACS_TELEMETRY_", extra="ignore")
+
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    # OTLP/HTTP traces endpoint, e.g. http://otel-collector:4318/v1/traces; none = no export.
+    otlp_endpoint: str | None = None
+    service_instance: str | None = None
+
+
+class DuplicatePolicy(StrEnum):
+    """What the index does when a *different* object arrives under a SOP
+    Instance UID it already holds (an identical one changes nothing)."""
+
+    KEEP_FIRST = "keep-first"  # the archived original stays; the newcomer is logged and kept aside
+    REPLACE = "replace"  # the newest object becomes the indexed one; the old one is kept aside
+
+
+class GatewaySettings(BaseSettings):
+    """The DIMSE gateway."""
+
+    model_config = SettingsConfigDict(env_prefix="PACS_GATEWAY_", extra="ignore")
+
+    ae_title: str = Field(default="PACS", min_length=1, max_length=16)
+    host: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=1, le=65535)
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(default=8081, ge=0, le=65535)
+    max_associations: int = Field(default=50, ge=1)
+    max_pdu_bytes: int = Field(default=262_144, ge=0)
+    acse_timeout_seconds: float = Field(default=30.0, gt=0)
+    dimse_timeout_seconds: float = Field(default=60.0, gt=0)
+    network_timeout_seconds: float = Field(default=60.0, gt=0)
+    # Reject associations whose Called AE Title is not ours.
+    require_called_ae_title: bool = True
+    # When non-empty, only these Calling AE Titles may associate.
+    allowed_calling_ae_titles: list[str] = Field(default_factory=list)
+    # Directory for received datasets before they reach storage; put it on the
+    # same filesystem as a filesystem hot tier so storing is a link, not a copy.
+    spool_dir: Path = Path("data/spool")
+    reuse_port: bool = True
+
+    @field_validator("ae_title")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("AE title must not be blank")
+        return value
+
+
+class WorkerSettings(BaseSettings):
+    """The ingest worker."""
+
+    model_config = SettingsConfigDict(env_prefix="PACS_WORKER_", extra="ignore")
+
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(default=8082, ge=0, le=65535)
+    prefetch: int = Field(default=200, ge=1)
+    batch_size: int = Field(default=100, ge=1)
+    batch_wait_ms: int = Field(default=20, ge=0)
+    duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
+    # A study that received no instance for this long is announced as study.stable.
+    study_stable_seconds: float = Field(default=60.0, gt=0)
+    stable_check_interval_seconds: float = Field(default=5.0, gt=0)
+    # Elements whose value is longer than this go to the metadata as BulkDataURI.
+    bulk_data_threshold_bytes: int = Field(default=1024, ge=0)
