@@ -1,0 +1,14 @@
+"""Logs, traces, metrics and health endpoints shared by every service."""
+
+from pacs_common.telemetry.http import ReadinessCheck, create_observability_app, serve_http
+from pacs_common.telemetry.logging import configure_logging, log_fields
+from pacs_common.telemetry.tracing import configure_tracing
+
+__all__ = [
+    "ReadinessCheck",
+    "configure_logging",
+    "configure_tracing",
+    "create_observability_app",
+    "log_fields",
+    "serve_http",
+]

@@ -1,0 +1,49 @@
+# The PACS, as a newcomer uses it:  make run  |  make test
+SHELL := /bin/bash
+export PATH := $(HOME)/.local/bin:$(PATH)
+UV ?= uv
+GATEWAYS ?= 1
+WORKERS ?= 1
+PYTEST_ARGS ?=
+
+.PHONY: help install install-test run test test-unit test-e2e lint format bench clean
+
+help:
+	@echo "make run     install everything and start the whole PACS as local processes"
+	@echo "make test    run the whole test suite (unit, integration, end-to-end)"
+	@echo "make lint    ruff + mypy"
+	@echo "make bench   throughput/CPU/memory figures (C-STORE; vs Orthanc and DCMTK where installed)"
+
+install:
+	@deploy/local/bootstrap.sh
+
+install-test:
+	@deploy/local/bootstrap.sh --test
+
+run: install
+	$(UV) run pacs run --gateways $(GATEWAYS) --workers $(WORKERS)
+
+test: install-test
+	$(UV) run pytest $(PYTEST_ARGS)
+
+test-unit: install-test
+	$(UV) run pytest -m "not e2e" $(PYTEST_ARGS)
+
+test-e2e: install-test
+	$(UV) run pytest -m e2e $(PYTEST_ARGS)
+
+lint:
+	$(UV) run ruff check .
+	$(UV) run ruff format --check .
+	$(UV) run mypy
+
+format:
+	$(UV) run ruff check --fix .
+	$(UV) run ruff format .
+
+bench:
+	@deploy/local/bootstrap.sh --bench
+	$(UV) run python -m pacs_e2e.bench
+
+clean:
+	rm -rf .pacs data bench-results

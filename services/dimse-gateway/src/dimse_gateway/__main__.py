@@ -1,0 +1,3 @@
+from dimse_gateway.main import main
+
+main()

@@ -1,0 +1,35 @@
+"""Prometheus metrics of the gateway, registered in a registry passed in."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.associations = Counter(
+            "pacs_dimse_associations",
+            "Association requests by outcome (accepted, rejected, aborted, released).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.active_associations = Gauge(
+            "pacs_dimse_active_associations", "Associations open right now.", registry=registry
+        )
+        self.operations = Counter(
+            "pacs_dimse_operations",
+            "DIMSE operations answered, by operation and status.",
+            ["operation", "status"],
+            registry=registry,
+        )
+        self.store_bytes = Counter(
+            "pacs_dimse_store_bytes", "Bytes of instances stored through C-STORE.", registry=registry
+        )
+        self.store_seconds = Histogram(
+            "pacs_dimse_store_seconds",
+            "Time from a complete C-STORE request to its response (validate, store, publish).",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
