@@ -19,7 +19,12 @@ from pathlib import Path
 
 from pydicom.filereader import read_file_meta_info
 
-from pacs_common.dicom.received import DatasetIdentity, InvalidDatasetError, read_identity
+from pacs_common.dicom.received import (
+    DatasetIdentity,
+    InvalidDatasetError,
+    MissingIdentityError,
+    read_identity,
+)
 from pacs_common.messaging.models import IngestMessage, IngestSource, StorageLocation
 from pacs_common.storage.base import CHUNK_SIZE, ObjectExistsError, ObjectStorage, StoredObject, sha256_of
 
@@ -29,8 +34,17 @@ logger = logging.getLogger(__name__)
 _META_FIXED_PREFIX = 128 + 4 + 12
 
 
-class IdentityMismatchError(InvalidDatasetError):
+class IdentityMismatchError(MissingIdentityError):
     """The dataset is not the instance the sender announced in the command."""
+
+
+__all__ = [
+    "IdentityMismatchError",
+    "InstanceReceiver",
+    "MissingIdentityError",
+    "ReceivedInstance",
+    "instance_key",
+]
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,8 @@ class BrokerSettings(BaseSettings):
     # sessions) share one broker without seeing each other's messages.
     namespace: str = ""
     publish_timeout_seconds: float = Field(default=10.0, gt=0)
+    # After losing the broker, try again this often (aio-pika's default is 5 s).
+    reconnect_interval_seconds: float = Field(default=1.0, gt=0)
     # Delays of the retry queues, one queue per attempt; a message that has
     # failed once per delay goes to the dead-letter queue.
     retry_delays_ms: list[int] = Field(default=[1_000, 10_000, 60_000], min_length=1)

@@ -73,14 +73,14 @@ async def _serve(
 
 
 def _drain(server: ReusePortAssociationServer, grace_seconds: float) -> None:
-    """Stop accepting, let open associations finish, abort what is left."""
+    """Stop accepting (closes the listening socket), let open associations
+    finish their work, abort what is left after the grace period."""
     server.shutdown()
     deadline = time.monotonic() + grace_seconds
     while server.active_associations and time.monotonic() < deadline:
         time.sleep(0.05)
     for assoc in server.active_associations:
         assoc.abort()
-    server.server_close()
 
 
 def main() -> None:

@@ -55,6 +55,8 @@ def start_server(
         reuse_port = settings.reuse_port
 
     server = ae.make_server((settings.host, settings.port), evt_handlers=handlers, server_class=GatewayServer)
+    # pynetdicom's own start_server registers the server so that shutdown() can deregister it.
+    ae._servers.append(server)
     thread = threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True)
     thread.start()
     return cast(ReusePortAssociationServer, server)

@@ -23,7 +23,7 @@ from dimse_gateway.metrics import GatewayMetrics
 from pacs_common.dicom.received import InvalidDatasetError
 from pacs_common.messaging.broker import PublishError
 from pacs_common.messaging.models import IngestSource
-from pacs_common.receiving import IdentityMismatchError, InstanceReceiver
+from pacs_common.receiving import InstanceReceiver, MissingIdentityError
 from pacs_common.storage.base import StorageError
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class StoreHandler:
                 announced_sop_class_uid=str(cast(C_STORE, event.request).AffectedSOPClassUID),
                 announced_sop_instance_uid=sop_instance_uid,
             )
-        except IdentityMismatchError as exc:
+        except MissingIdentityError as exc:  # includes a dataset that is not the announced instance
             logger.warning("C-STORE refused: %s", exc, extra={"sop_instance_uid": sop_instance_uid})
             return _status(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))
         except InvalidDatasetError as exc:

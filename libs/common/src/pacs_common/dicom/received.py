@@ -36,6 +36,11 @@ class InvalidDatasetError(ValueError):
     """The received bytes are not a complete, consistent DICOM dataset."""
 
 
+class MissingIdentityError(InvalidDatasetError):
+    """A well-formed dataset without the UIDs that place it in the
+    patient/study/series/instance hierarchy (Type 1 in every IOD)."""
+
+
 @dataclass(frozen=True)
 class DatasetIdentity:
     sop_class_uid: str
@@ -47,7 +52,7 @@ class DatasetIdentity:
 def _uid_value(raw: bytes | None, tag: int) -> str:
     value = (raw or b"").rstrip(b"\x00 ").decode("ascii", errors="replace")
     if not value:
-        raise InvalidDatasetError(
+        raise MissingIdentityError(
             f"required attribute ({tag >> 16:04X},{tag & 0xFFFF:04X}) is missing or empty"
         )
     if len(value) > _MAX_UID_LENGTH or not all(c.isdigit() or c == "." for c in value):

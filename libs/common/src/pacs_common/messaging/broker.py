@@ -101,11 +101,12 @@ class Broker:
 
         Fails (with the aio-pika/OS error) when the first connection cannot
         be made within ``publish_timeout_seconds``; reconnection is automatic
-        only after a first success.  Add ``?reconnect_interval=1`` to the URL
-        to reconnect faster than aio-pika's default of 5 seconds.
+        only after a first success, every ``reconnect_interval_seconds``.
         """
         connection = await aio_pika.connect_robust(
-            settings.url.get_secret_value(), timeout=settings.publish_timeout_seconds
+            settings.url.get_secret_value(),
+            timeout=settings.publish_timeout_seconds,
+            reconnect_interval=settings.reconnect_interval_seconds,
         )
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
