@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
@@ -25,13 +27,25 @@ CANNOT_UNDERSTAND = 0xC000
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 
 
-def _associate(pacs: LocalSystem) -> Association:
+def _associate(pacs: LocalSystem, transfer_syntax: str = ExplicitVRLittleEndian) -> Association:
+    """An association whose CT context has one transfer syntax, so that
+    pynetdicom sends a file's bytes as they are instead of re-encoding them."""
     ae = AE(ae_title="BADINPUT")
     ae.add_requested_context(Verification)
-    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(CTImageStorage, [transfer_syntax])
     assoc = ae.associate("127.0.0.1", pacs.gateway_port, ae_title=pacs.ae_title)
     assert assoc.is_established
     return assoc
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _send_files_as_they_are() -> Iterator[None]:
+    """pynetdicom sends a file's encoded bytes unchanged (no decode and
+    re-encode) only in chunked mode: what a broken modality would send."""
+    previous = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    yield
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = previous
 
 
 @pytest.fixture
@@ -60,7 +74,7 @@ def test_truncated_dataset_is_refused(
     truncated.write_bytes(data[: len(data) - 5000])  # cut inside Pixel Data
     sop_uid = str(dcmread(source).SOPInstanceUID)
 
-    assoc = _associate(pacs)
+    assoc = _associate(pacs, read_file_meta_info(source).TransferSyntaxUID)
     status = assoc.send_c_store(truncated)
     assert status.Status == CANNOT_UNDERSTAND
     assert "truncated" in str(status.get("ErrorComment", "")).lower()
@@ -76,7 +90,8 @@ def test_dataset_not_matching_the_command_is_refused(
     ds = dcmread(path)
     announced = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = announced  # the command will announce this UID
-    ds.save_as(path, enforce_file_format=True)
+    ds.save_as(path)  # as is: enforcing the file format would "repair" the meta
+    assert read_file_meta_info(path).MediaStorageSOPInstanceUID == announced
 
     assoc = _associate(pacs)
     status = assoc.send_c_store(path)

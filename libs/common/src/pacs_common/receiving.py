@@ -117,15 +117,16 @@ class InstanceReceiver:
         PublishError (ours: retryable).  The caller still owns ``path``.
         """
         identity, transfer_syntax = inspect_part10(path)
+        # ErrorComment holds 64 characters: the reason comes first, the UIDs after.
         if announced_sop_instance_uid is not None and identity.sop_instance_uid != announced_sop_instance_uid:
             raise IdentityMismatchError(
-                f"SOP Instance UID of the dataset ({identity.sop_instance_uid}) differs from the "
-                f"one in the request ({announced_sop_instance_uid})"
+                f"SOP Instance UID differs from the request's: dataset {identity.sop_instance_uid}, "
+                f"request {announced_sop_instance_uid}"
             )
         if announced_sop_class_uid is not None and identity.sop_class_uid != announced_sop_class_uid:
             raise IdentityMismatchError(
-                f"SOP Class UID of the dataset ({identity.sop_class_uid}) differs from the "
-                f"one in the request ({announced_sop_class_uid})"
+                f"SOP Class UID differs from the request's: dataset {identity.sop_class_uid}, "
+                f"request {announced_sop_class_uid}"
             )
         stored = self._store_write_once(path, identity)
         location = StorageLocation(
