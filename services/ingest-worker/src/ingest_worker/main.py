@@ -1,0 +1,214 @@
+"""The ingest worker: settings → pool → storage → broker → indexer.
+
+``main()`` is the process entry point (``ingest-worker`` / ``python -m
+ingest_worker``); :func:`run` is the same service as a coroutine, which the
+tests start in-process.  SIGTERM or SIGINT stops it gracefully: no new
+batch is taken, the batch in hand is committed, published and acked, then
+connections close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import warnings
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Final, TypeVar
+
+import asyncpg
+from prometheus_client import CollectorRegistry
+
+from ingest_worker.indexer import BatchIndexer, IndexerConfig, StorageResolver
+from ingest_worker.metrics import WorkerMetrics, watch_queue_depth
+from ingest_worker.stable import StableAnnouncer
+from pacs_common.db.index import InstanceIndex
+from pacs_common.db.pool import create_pool
+from pacs_common.messaging.broker import Broker
+from pacs_common.messaging.consumer import IngestConsumer
+from pacs_common.settings import BrokerSettings, DatabaseSettings, TelemetrySettings, WorkerSettings
+from pacs_common.storage import StorageRegistry
+from pacs_common.telemetry import configure_logging, configure_tracing, create_observability_app, serve_http
+
+__all__ = ["SERVICE", "WorkerServices", "main", "run"]
+
+SERVICE: Final = "ingest-worker"
+#: Storage tiers the worker reads from (ingest writes to the hot tier).
+TIERS: Final = ("hot",)
+_SHUTDOWN_GRACE_SECONDS = 60.0
+_CONNECT_BACKOFF_MAX = 10.0
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class WorkerServices:
+    """What the running worker holds; filled in as connections come up (the
+    readiness checks look here)."""
+
+    pool: asyncpg.Pool | None = None
+    broker: Broker | None = None
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    # The port the HTTP endpoints listen on (the one asked for, or the one
+    # the system chose for port 0).
+    http_port: int | None = None
+
+
+async def _until_connected(what: str, connect: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T | None:
+    """Connect, retrying with backoff: a worker started before its database
+    or broker waits for them (not ready meanwhile) instead of crash-looping."""
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            return await connect()
+        except Exception as exc:
+            logger.warning("%s unavailable, retrying in %.1fs: %s", what, delay, exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, _CONNECT_BACKOFF_MAX)
+    return None
+
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+    for signum in _SIGNALS:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+
+
+async def run(
+    worker_settings: WorkerSettings,
+    database_settings: DatabaseSettings,
+    broker_settings: BrokerSettings,
+    *,
+    storage: StorageResolver | None = None,
+    stop: asyncio.Event | None = None,
+    services: WorkerServices | None = None,
+    handle_signals: bool = False,
+) -> None:
+    """Run the worker until ``stop`` is set (or, with ``handle_signals``,
+    until SIGTERM/SIGINT)."""
+    stop = stop or asyncio.Event()
+    services = services or WorkerServices()
+    if handle_signals:
+        _install_signal_handlers(stop)
+    metrics = WorkerMetrics(services.registry)
+
+    async def database_ready() -> bool:
+        if services.pool is None:
+            return False
+        async with services.pool.acquire(timeout=2.0) as connection:
+            return bool(await connection.fetchval("SELECT true"))
+
+    async def broker_ready() -> bool:
+        return services.broker is not None and services.broker.is_healthy()
+
+    app = create_observability_app(
+        SERVICE, {"database": database_ready, "broker": broker_ready}, services.registry
+    )
+    server = await serve_http(app, worker_settings.http_host, worker_settings.http_port)
+    services.http_port = int(server.servers[0].sockets[0].getsockname()[1])
+    owned_storage: StorageRegistry | None = None
+    try:
+        services.pool = await _until_connected(
+            "database", lambda: create_pool(database_settings, application_name=SERVICE), stop
+        )
+        services.broker = await _until_connected("broker", lambda: Broker.connect(broker_settings), stop)
+        if services.pool is None or services.broker is None:
+            return
+        if storage is None:
+            owned_storage = StorageRegistry.from_settings(TIERS)
+            storage = owned_storage
+        await _serve(worker_settings, services.pool, services.broker, storage, metrics, stop)
+    finally:
+        server.should_exit = True
+        if services.broker is not None:
+            await services.broker.close()
+        if services.pool is not None:
+            await services.pool.close()
+        if owned_storage is not None:
+            owned_storage.close()
+        logger.info("ingest worker stopped")
+
+
+async def _serve(  # noqa: PLR0917 - the wiring, in one place
+    settings: WorkerSettings,
+    pool: asyncpg.Pool,
+    broker: Broker,
+    storage: StorageResolver,
+    metrics: WorkerMetrics,
+    stop: asyncio.Event,
+) -> None:
+    index = InstanceIndex(pool)
+    indexer = BatchIndexer(
+        index=index,
+        storage=storage,
+        broker=broker,
+        consumer=IngestConsumer(broker, prefetch=max(settings.prefetch, settings.batch_size)),
+        config=IndexerConfig(
+            batch_size=settings.batch_size,
+            batch_wait_seconds=settings.batch_wait_ms / 1000,
+            duplicate_policy=settings.duplicate_policy,
+            bulk_data_threshold=settings.bulk_data_threshold_bytes,
+        ),
+        metrics=metrics,
+    )
+    announcer = StableAnnouncer(
+        index,
+        broker,
+        metrics,
+        quiet_seconds=settings.study_stable_seconds,
+        interval_seconds=settings.stable_check_interval_seconds,
+    )
+    background_stop = asyncio.Event()
+    indexing = asyncio.create_task(indexer.run(), name="indexer")
+    background = [
+        asyncio.create_task(announcer.run(background_stop), name="stable-announcer"),
+        asyncio.create_task(watch_queue_depth(broker, metrics, background_stop), name="queue-depth"),
+    ]
+    logger.info(
+        "ingest worker consuming",
+        extra={
+            "queue": broker.topology.ingest_queue,
+            "batch_size": settings.batch_size,
+            "duplicate_policy": str(settings.duplicate_policy),
+        },
+    )
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({indexing, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if indexing.done():
+            indexing.result()  # the consumer loop ended by itself: surface why
+        logger.info("stopping: finishing the batch in hand")
+        await asyncio.wait_for(indexer.stop(), _SHUTDOWN_GRACE_SECONDS)
+        await asyncio.wait_for(indexing, _SHUTDOWN_GRACE_SECONDS)
+    finally:
+        stopped.cancel()
+        background_stop.set()
+        for task in (indexing, *background):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(indexing, *background, return_exceptions=True)
+
+
+def main() -> None:
+    worker_settings = WorkerSettings()
+    database_settings = DatabaseSettings()
+    broker_settings = BrokerSettings()
+    telemetry = TelemetrySettings()
+    configure_logging(telemetry, SERVICE)
+    configure_tracing(telemetry, SERVICE)
+    # pydicom warns (and logs) about every odd value it reads; the parser
+    # reports what it could not keep, per instance, in one log line.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    asyncio.run(run(worker_settings, database_settings, broker_settings, handle_signals=True))
