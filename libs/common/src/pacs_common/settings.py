@@ -89,7 +89,7 @@ class StorageTierSettings(BaseSettings):
 
     @classmethod
     def for_tier(cls, tier: str) -> StorageTierSettings:
-        return cls(_env_prefix=f"PACS_STORAGE_{tier.upper()}_")  # type: ignore[call-arg]
+        return cls(_env_prefix=f"PACS_STORAGE_{tier.upper()}_")
 
 
 class TelemetrySettings(BaseSettings):

@@ -126,7 +126,9 @@ class ObjectStorage(ABC):
         """Release clients and connections."""
 
 
-def copy_object(source: ObjectStorage, key: str, target: ObjectStorage, target_key: str | None = None) -> StoredObject:
+def copy_object(
+    source: ObjectStorage, key: str, target: ObjectStorage, target_key: str | None = None
+) -> StoredObject:
     """Stream an object from one backend to another and return where it went."""
     with source.open(key) as stream:
         return target.put(target_key or key, stream)
