@@ -180,8 +180,12 @@ def _start_orthanc(workdir: Path) -> ProcessTarget | None:
         "Plugins": [],
     }
     (workdir / "orthanc.json").write_text(json.dumps(config))
+    # Orthanc's DICOM stack is DCMTK: it needs TCP_NODELAY=1 as much as storescu does.
     proc = subprocess.Popen(
-        ["Orthanc", str(workdir / "orthanc.json")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ["Orthanc", str(workdir / "orthanc.json")],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     _wait_echo(port, "ORTHANC")
     return ProcessTarget("Orthanc 1.10", "ORTHANC", port, proc)
