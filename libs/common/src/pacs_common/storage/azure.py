@@ -44,6 +44,9 @@ from pacs_common.storage.base import (
     ObjectStorage,
     StorageError,
     StoredObject,
+    check_size,
+    normalise_prefix,
+    read_exact,
 )
 
 DEFAULT_BLOCK_SIZE = 8 * 1024 * 1024
@@ -71,7 +74,7 @@ class AzureBlobStorage(ObjectStorage):
         if block_size <= 0:
             raise ValueError("block_size must be positive")
         self.container = container_client
-        self.prefix = _normalise_prefix(prefix)
+        self.prefix = normalise_prefix(prefix)
         # Validated here so a typo in settings fails at start-up, not at first put.
         self.access_tier = StandardBlobTier(access_tier) if access_tier else None
         self._block_size = block_size
@@ -145,10 +148,10 @@ class AzureBlobStorage(ObjectStorage):
         blob = self._blob(key)
         reader = HashingReader(stream)
         try:
-            head = _read_exact(reader, self._threshold)
+            head = read_exact(reader, self._threshold)
             peek = reader.read(1) if len(head) == self._threshold else b""
             if not peek:
-                _check_size(key, size, reader.size)
+                check_size(key, size, reader.size)
                 blob.upload_blob(
                     head,
                     length=len(head),
@@ -175,14 +178,14 @@ class AzureBlobStorage(ObjectStorage):
         blocks: list[BlobBlock] = []
         while True:
             if len(pending) < self._block_size:
-                pending += _read_exact(reader, self._block_size - len(pending))
+                pending += read_exact(reader, self._block_size - len(pending))
             if not pending:
                 break
             body, pending = pending[: self._block_size], pending[self._block_size :]
             block_id = f"{upload}-{len(blocks):06d}"
             blob.stage_block(block_id, body, length=len(body))
             blocks.append(BlobBlock(block_id=block_id))
-        _check_size(key, size, reader.size)
+        check_size(key, size, reader.size)
         blob.commit_block_list(
             blocks,
             metadata={SHA256_FIELD: reader.sha256},
@@ -279,27 +282,6 @@ class _DownloadReader(io.RawIOBase):
             raise _storage_error(exc, self._key, "read") from exc
         buffer[: len(data)] = data
         return len(data)
-
-
-def _normalise_prefix(prefix: str) -> str:
-    prefix = prefix.strip("/")
-    return f"{prefix}/" if prefix else ""
-
-
-def _read_exact(stream: HashingReader, size: int) -> bytes:
-    """Up to ``size`` bytes, fewer only at end of stream (``read`` may return
-    short counts on pipes and sockets)."""
-    parts: list[bytes] = []
-    remaining = size
-    while remaining > 0 and (chunk := stream.read(remaining)):
-        parts.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(parts)
-
-
-def _check_size(key: str, expected: int | None, actual: int) -> None:
-    if expected is not None and expected != actual:
-        raise StorageError(f"object {key!r}: stream gave {actual} bytes, expected {expected}; not stored")
 
 
 def _error_code(exc: AzureError) -> str | None:

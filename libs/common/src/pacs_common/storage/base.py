@@ -80,6 +80,29 @@ class HashingReader:
         return self._hash.hexdigest()
 
 
+def normalise_prefix(prefix: str) -> str:
+    """``"a/b/"`` for ``"/a/b"``; empty stays empty."""
+    prefix = prefix.strip("/")
+    return f"{prefix}/" if prefix else ""
+
+
+def read_exact(stream: HashingReader, size: int) -> bytes:
+    """Up to ``size`` bytes, fewer only at end of stream (``read`` may return
+    short counts on pipes and sockets; upload parts must be full-sized)."""
+    parts: list[bytes] = []
+    remaining = size
+    while remaining > 0 and (chunk := stream.read(remaining)):
+        parts.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(parts)
+
+
+def check_size(key: str, expected: int | None, actual: int) -> None:
+    """A stream that gave other than the announced size is not stored."""
+    if expected is not None and expected != actual:
+        raise StorageError(f"object {key!r}: stream gave {actual} bytes, expected {expected}; not stored")
+
+
 class ObjectStorage(ABC):
     """A place objects are kept: a directory, an S3 bucket, an Azure container."""
 

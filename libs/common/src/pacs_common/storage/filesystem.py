@@ -33,6 +33,7 @@ from pacs_common.storage.base import (
     ObjectStorage,
     StorageError,
     StoredObject,
+    check_size,
 )
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class FilesystemStorage(ObjectStorage):
                     out.flush()
                     if self._fsync:
                         os.fsync(out.fileno())
-                _check_size(key, size, reader.size)
+                check_size(key, size, reader.size)
                 _set_sha256(tmp, reader.sha256)
                 self._publish(tmp, final, key)
             finally:
@@ -239,11 +240,6 @@ class FilesystemStorage(ObjectStorage):
                 key = f"{rel}/{name}" if rel else name
                 if key.startswith(prefix):
                     yield key
-
-
-def _check_size(key: str, expected: int | None, actual: int) -> None:
-    if expected is not None and expected != actual:
-        raise StorageError(f"object {key!r}: stream gave {actual} bytes, expected {expected}; not stored")
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -44,6 +44,9 @@ from pacs_common.storage.base import (
     ObjectStorage,
     StorageError,
     StoredObject,
+    check_size,
+    normalise_prefix,
+    read_exact,
 )
 
 if TYPE_CHECKING:
@@ -120,7 +123,7 @@ class S3Storage(ObjectStorage):
         if multipart_threshold < MIN_PART_SIZE or multipart_chunk < MIN_PART_SIZE:
             raise ValueError("multipart threshold and chunk must be at least 5 MiB")
         self.bucket = bucket
-        self.prefix = _normalise_prefix(prefix)
+        self.prefix = normalise_prefix(prefix)
         self.client: S3Client = client if client is not None else make_s3_client()
         self.storage_class = storage_class
         self._threshold = multipart_threshold
@@ -140,12 +143,12 @@ class S3Storage(ObjectStorage):
         name = self._name(key)
         reader = HashingReader(stream)
         try:
-            head = _read_exact(reader, self._threshold)
+            head = read_exact(reader, self._threshold)
             peek = reader.read(1) if len(head) == self._threshold else b""
         except (ClientError, BotoCoreError) as exc:  # the source may be another S3 object
             raise _storage_error(exc, key, "read source of") from exc
         if not peek:
-            _check_size(key, size, reader.size)
+            check_size(key, size, reader.size)
             self._put_single(key, name, head, reader.sha256)
         else:
             self._put_multipart(key, name, reader, head, peek, size=size)
@@ -190,9 +193,9 @@ class S3Storage(ObjectStorage):
                     Bucket=self.bucket, Key=name, UploadId=upload_id, PartNumber=number, Body=body
                 )["ETag"]
                 parts.append({"ETag": etag, "PartNumber": number})
-                body = peek + _read_exact(reader, self._chunk - len(peek))
+                body = peek + read_exact(reader, self._chunk - len(peek))
                 peek = b""
-            _check_size(key, size, reader.size)
+            check_size(key, size, reader.size)
             self.client.complete_multipart_upload(
                 Bucket=self.bucket,
                 Key=name,
@@ -344,27 +347,6 @@ class _BodyReader(io.RawIOBase):
         if not self.closed:
             self._body.close()
         super().close()
-
-
-def _normalise_prefix(prefix: str) -> str:
-    prefix = prefix.strip("/")
-    return f"{prefix}/" if prefix else ""
-
-
-def _read_exact(stream: HashingReader, size: int) -> bytes:
-    """Up to ``size`` bytes, fewer only at end of stream (``read`` may return
-    short counts on pipes and sockets; parts must be full-sized)."""
-    parts: list[bytes] = []
-    remaining = size
-    while remaining > 0 and (chunk := stream.read(remaining)):
-        parts.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(parts)
-
-
-def _check_size(key: str, expected: int | None, actual: int) -> None:
-    if expected is not None and expected != actual:
-        raise StorageError(f"object {key!r}: stream gave {actual} bytes, expected {expected}; not stored")
 
 
 def _error_code(exc: ClientError) -> str:
