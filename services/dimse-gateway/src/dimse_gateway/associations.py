@@ -14,6 +14,13 @@ from dimse_gateway.metrics import GatewayMetrics
 logger = logging.getLogger(__name__)
 
 
+def called_ae_title(event: Event) -> str:
+    """The Called AE Title the sender put in its A-ASSOCIATE-RQ (the
+    acceptor's own ``ae_title`` is always ours, whatever was called)."""
+    primitive = event.assoc.requestor.primitive
+    return str(primitive.called_ae_title) if primitive is not None else event.assoc.acceptor.ae_title
+
+
 def _peer(event: Event) -> str:
     requestor = event.assoc.requestor
     return f"{requestor.address}:{requestor.port}"
@@ -46,7 +53,8 @@ class AssociationObserver:
             "association rejected",
             extra={
                 "calling_ae_title": event.assoc.requestor.ae_title,
-                "called_ae_title": event.assoc.acceptor.ae_title,
+                "called_ae_title": called_ae_title(event),
+                "reason": _rejection_reason(event),
                 "peer": _peer(event),
             },
         )
@@ -61,3 +69,8 @@ class AssociationObserver:
                 transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 logger.debug("could not set TCP_NODELAY", exc_info=True)
+
+
+def _rejection_reason(event: Event) -> str | None:
+    primitive = event.assoc.acceptor.primitive
+    return getattr(primitive, "reason_str", None) if primitive is not None else None

@@ -19,6 +19,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from dimse_gateway import statuses
+from dimse_gateway.associations import called_ae_title
 from dimse_gateway.metrics import GatewayMetrics
 from pacs_common.dicom.received import InvalidDatasetError
 from pacs_common.messaging.broker import PublishError
@@ -55,7 +56,7 @@ class StoreHandler:
         source = IngestSource(
             protocol="dimse",
             calling_ae_title=requestor.ae_title,
-            called_ae_title=assoc.acceptor.ae_title,
+            called_ae_title=called_ae_title(event),
             peer=f"{requestor.address}:{requestor.port}",
         )
         sop_instance_uid = str(request.AffectedSOPInstanceUID)
