@@ -15,6 +15,7 @@ import argparse
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -207,6 +208,19 @@ def _start_storescp(workdir: Path) -> ProcessTarget | None:
     return ProcessTarget("DCMTK storescp", "STORESCP", port, proc)
 
 
+def _start_bare_pynetdicom(workdir: Path) -> ProcessTarget | None:
+    port = find_free_port()
+    spool = workdir / "bare-spool"
+    spool.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pacs_e2e.bare_scp", str(port), str(spool)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_echo(port, "BARE")
+    return ProcessTarget("bare pynetdicom SCP", "BARE", port, proc)
+
+
 def _measure(target: Target, workload: Workload, associations: int, data: Path, seed: int) -> Run:
     directory = data / f"{target.called}-{seed}"
     paths = workload.make(directory, seed)
@@ -282,8 +296,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                         print(runs[-1].row(), flush=True)
             rss[target.name] = target.peak_rss()
         if not args.no_compare:
-            for start in (_start_orthanc, _start_storescp):
-                other = start(workdir)
+            for start in (_start_orthanc, _start_storescp, _start_bare_pynetdicom):
+                try:
+                    other = start(workdir)
+                except RuntimeError as exc:
+                    print(f"skipped a comparison: {exc}", flush=True)
+                    continue
                 if other is None:
                     continue
                 try:
