@@ -10,7 +10,7 @@ so a change here needs a new queue name or a migration that deletes the queue.
 Ingest path (all on one direct exchange, so every hop is a routing key)::
 
     publisher --"ingest"--> ingest (quorum) --> worker
-    worker --"retry.{i}"--> ingest.retry.{i} (classic, TTL) --expired--> "ingest"
+    worker --"retry.{i}"--> ingest.retry.{i} (quorum, TTL) --expired--> "ingest"
     worker --"dead"--> ingest.dead (quorum)
 
 Events go to a topic exchange whose alternate exchange catches what no
@@ -123,14 +123,22 @@ class Topology:
         return arguments
 
     def retry_queue_arguments(self, index: int) -> dict[str, Any]:
-        """Classic queue without consumers: a message waits for the TTL, then
-        the broker dead-letters it back to the ingest queue.  One queue per
-        delay because TTL expiry only happens at the head of a queue."""
+        """A queue without consumers: a message waits for the TTL, then the
+        broker dead-letters it back to the ingest queue.  One queue per delay
+        because TTL expiry only happens at the head of a queue.
+
+        Quorum with at-least-once dead-lettering (RabbitMQ >= 3.10): if the
+        ingest queue is full when the TTL expires, the broker holds the message
+        and forwards it again after its dead-letter confirm timeout (180 s on
+        3.10), where a classic queue would drop it.  That strategy
+        requires ``reject-publish`` overflow on this queue."""
         return {
-            "x-queue-type": "classic",
+            "x-queue-type": "quorum",
             "x-message-ttl": self.retry_delays_ms[index],
             "x-dead-letter-exchange": self.ingest_exchange,
             "x-dead-letter-routing-key": INGEST_ROUTING_KEY,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
         }
 
     @property
