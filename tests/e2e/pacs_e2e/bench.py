@@ -164,15 +164,23 @@ def _wait_echo(port: int, called: str, timeout: float = 30) -> None:
         time.sleep(0.2)
 
 
+def _spawn(name: str, called: str, port: int, args: list[str]) -> ProcessTarget:
+    """Start a comparison receiver and wait until it answers C-ECHO.  Every
+    one gets TCP_NODELAY=1: Orthanc's DICOM stack is DCMTK too."""
+    proc = subprocess.Popen(args, env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_echo(port, called)
+    return ProcessTarget(name, called, port, proc)
+
+
 def _start_orthanc(workdir: Path) -> ProcessTarget | None:
     if shutil.which("Orthanc") is None:
         return None
-    port, http = find_free_port(), find_free_port()
+    port = find_free_port()
     config = {
         "Name": "bench",
         "DicomAet": "ORTHANC",
         "DicomPort": port,
-        "HttpPort": http,
+        "HttpPort": find_free_port(),
         "StorageDirectory": str(workdir / "orthanc-storage"),
         "IndexDirectory": str(workdir / "orthanc-index"),
         "RemoteAccessAllowed": False,
@@ -181,15 +189,7 @@ def _start_orthanc(workdir: Path) -> ProcessTarget | None:
         "Plugins": [],
     }
     (workdir / "orthanc.json").write_text(json.dumps(config))
-    # Orthanc's DICOM stack is DCMTK: it needs TCP_NODELAY=1 as much as storescu does.
-    proc = subprocess.Popen(
-        ["Orthanc", str(workdir / "orthanc.json")],
-        env=DCMTK_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    _wait_echo(port, "ORTHANC")
-    return ProcessTarget("Orthanc 1.10", "ORTHANC", port, proc)
+    return _spawn("Orthanc 1.10", "ORTHANC", port, ["Orthanc", str(workdir / "orthanc.json")])
 
 
 def _start_storescp(workdir: Path) -> ProcessTarget | None:
@@ -198,27 +198,16 @@ def _start_storescp(workdir: Path) -> ProcessTarget | None:
     port = find_free_port()
     out = workdir / "storescp"
     out.mkdir()
-    proc = subprocess.Popen(
-        [tool("storescp"), "+xa", "-od", str(out), "-aet", "STORESCP", str(port)],
-        env=DCMTK_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    _wait_echo(port, "STORESCP")
-    return ProcessTarget("DCMTK storescp", "STORESCP", port, proc)
+    args = [tool("storescp"), "+xa", "-od", str(out), "-aet", "STORESCP", str(port)]
+    return _spawn("DCMTK storescp", "STORESCP", port, args)
 
 
 def _start_bare_pynetdicom(workdir: Path) -> ProcessTarget | None:
     port = find_free_port()
     spool = workdir / "bare-spool"
     spool.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pacs_e2e.bare_scp", str(port), str(spool)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    _wait_echo(port, "BARE")
-    return ProcessTarget("bare pynetdicom SCP", "BARE", port, proc)
+    args = [sys.executable, "-m", "pacs_e2e.bare_scp", str(port), str(spool)]
+    return _spawn("bare pynetdicom SCP", "BARE", port, args)
 
 
 def _measure(target: Target, workload: Workload, associations: int, data: Path, seed: int) -> Run:

@@ -26,7 +26,7 @@ from pacs_common.dicom.received import (
     read_identity,
 )
 from pacs_common.messaging.models import IngestMessage, IngestSource, StorageLocation
-from pacs_common.storage.base import CHUNK_SIZE, ObjectExistsError, ObjectStorage, StoredObject, sha256_of
+from pacs_common.storage.base import ObjectExistsError, ObjectStorage, StoredObject, sha256_of
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +63,8 @@ def instance_key(identity: DatasetIdentity, digest: str | None = None) -> str:
 
 
 def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        while chunk := f.read(CHUNK_SIZE):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def inspect_part10(path: Path) -> tuple[DatasetIdentity, str]:
