@@ -135,6 +135,11 @@ class GatewaySettings(BaseSettings):
     # same filesystem as a filesystem hot tier so storing is a link, not a copy.
     spool_dir: Path = Path("data/spool")
     reuse_port: bool = True
+    # The query-service, for C-FIND, MWL and the instance lists of C-MOVE/C-GET.
+    query_url: str = "http://127.0.0.1:8083"
+    query_timeout_seconds: float = Field(default=30.0, gt=0)
+    # C-MOVE / C-GET sub-operations: how long to wait for a peer.
+    retrieve_connect_timeout_seconds: float = Field(default=10.0, gt=0)
 
     @field_validator("ae_title")
     @classmethod
@@ -161,3 +166,19 @@ class WorkerSettings(BaseSettings):
     stable_check_interval_seconds: float = Field(default=5.0, gt=0)
     # Elements whose value is longer than this go to the metadata as BulkDataURI.
     bulk_data_threshold_bytes: int = Field(default=1024, ge=0)
+
+
+class QuerySettings(BaseSettings):
+    """The query service."""
+
+    model_config = SettingsConfigDict(env_prefix="PACS_QUERY_", extra="ignore")
+
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(default=8083, ge=0, le=65535)
+    # A query matching more than this returns this many and says it was cut
+    # (C-FIND: final status A700 after the pending responses; QIDO: Warning).
+    max_matches: int = Field(default=5000, ge=1)
+    # Person names match case-insensitively unless a request asks otherwise.
+    pn_case_insensitive: bool = True
+    # Matches are fetched from PostgreSQL in pages of this many rows.
+    fetch_size: int = Field(default=200, ge=1)

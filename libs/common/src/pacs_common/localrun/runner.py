@@ -87,8 +87,10 @@ class ServiceKind:
 
 GATEWAY = ServiceKind("gateway", "dimse-gateway", "dimse_gateway", "PACS_GATEWAY_HTTP_PORT")
 WORKER = ServiceKind("worker", "ingest-worker", "ingest_worker", "PACS_WORKER_HTTP_PORT")
-# Gateways first: on the way down they stop taking work before workers go.
-SERVICE_KINDS: tuple[ServiceKind, ...] = (GATEWAY, WORKER)
+QUERY = ServiceKind("query", "query-service", "query_service", "PACS_QUERY_HTTP_PORT")
+# Gateways first: on the way down they stop taking work before workers go;
+# the query-service last, since gateways query it until they stop.
+SERVICE_KINDS: tuple[ServiceKind, ...] = (GATEWAY, WORKER, QUERY)
 
 
 @dataclass
@@ -212,6 +214,7 @@ class LocalSystem:
         *,
         gateways: int = 1,
         workers: int = 1,
+        query_services: int = 1,
         database_url: str | None = None,
         broker_url: str | None = None,
         namespace: str | None = None,
@@ -227,13 +230,13 @@ class LocalSystem:
         stop_grace: float = DEFAULT_STOP_GRACE_SECONDS,
         out: TextIO | None = sys.stdout,
     ) -> None:
-        if gateways < 0 or workers < 0:
-            raise ValueError("gateways and workers must be >= 0")
+        if gateways < 0 or workers < 0 or query_services < 0:
+            raise ValueError("gateways, workers and query_services must be >= 0")
         self.project_dir = Path(project_dir or Path.cwd()).absolute()
         self.pacs_dir = self.project_dir / ".pacs"
         self.infra_dir = self.pacs_dir / "infra"
         self.log_dir = self.pacs_dir / "logs"
-        self.counts = {GATEWAY.key: gateways, WORKER.key: workers}
+        self.counts = {GATEWAY.key: gateways, WORKER.key: workers, QUERY.key: query_services}
         self._database_url_arg = database_url
         self._broker_url_arg = broker_url
         environ = os.environ
@@ -289,6 +292,10 @@ class LocalSystem:
     @property
     def workers(self) -> list[ServiceProcess]:
         return [s for s in self.services if s.kind is WORKER]
+
+    @property
+    def query_services(self) -> list[ServiceProcess]:
+        return [s for s in self.services if s.kind is QUERY]
 
     def start(self) -> None:
         """Bring everything up and wait until every service is ready.  On any
@@ -527,6 +534,7 @@ class LocalSystem:
             "PACS_TELEMETRY_LOG_FORMAT": "text",
             "PACS_GATEWAY_HTTP_HOST": LOCALHOST,
             "PACS_WORKER_HTTP_HOST": LOCALHOST,
+            "PACS_QUERY_HTTP_HOST": LOCALHOST,
         }
         for key, value in defaults.items():
             env.setdefault(key, value)
@@ -566,6 +574,11 @@ class LocalSystem:
                 }
                 log_path = self.log_dir / f"{name}.log"
                 services.append(ServiceProcess(kind, index, http_port, log_path, env))
+        # Gateways reach the (first) query-service unless told otherwise.
+        query = next((s for s in services if s.kind is QUERY), None)
+        if query is not None and "PACS_GATEWAY_QUERY_URL" not in self.extra_env:
+            for service in services:
+                service.env["PACS_GATEWAY_QUERY_URL"] = query.base_url
         return services
 
     def _check_ports(self) -> None:

@@ -1,0 +1,5 @@
+"""``python -m query_service``."""
+
+from query_service.main import main
+
+main()
