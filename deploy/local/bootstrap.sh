@@ -3,8 +3,9 @@
 #   system packages  PostgreSQL, RabbitMQ (started by `pacs run` as private
 #                    processes when none is reachable), DCMTK (tests, examples)
 #   uv + the locked Python workspace (.venv)
-#   with --test:     Node's azurite (Azure Blob emulator) under .tools/
-#   with --bench:    Orthanc, to compare against
+#   with --test:     Node's azurite (Azure Blob emulator) under .tools/, and
+#                    Orthanc (a real C-MOVE destination in the e2e tests)
+#   with --bench:    Orthanc's DICOMweb plugin too, to compare against
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -40,7 +41,8 @@ apt_install() {
 packages=(postgresql rabbitmq-server dcmtk)
 # Node may come from elsewhere (nvm, NodeSource): only ask apt when npm is absent.
 if [ "$want_test" = 1 ] && ! command -v npm >/dev/null; then packages+=(nodejs npm); fi
-if [ "$want_bench" = 1 ]; then packages+=(orthanc orthanc-dicomweb); fi
+if [ "$want_test" = 1 ]; then packages+=(orthanc); fi
+if [ "$want_bench" = 1 ]; then packages+=(orthanc-dicomweb); fi
 if command -v apt-get >/dev/null; then apt_install "${packages[@]}"; fi
 
 if ! command -v uv >/dev/null; then

@@ -6,10 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,14 +18,7 @@ from pacs_common.messaging.models import IngestMessage, IngestSource, StorageLoc
 from pacs_common.settings import BrokerSettings
 from pacs_e2e.corpus import write_ct_series
 from pacs_e2e.index import IndexReader
-
-
-def _pacs(system: LocalSystem, *args: str) -> subprocess.CompletedProcess[str]:
-    command = Path(sys.executable).with_name("pacs")
-    environment = {**os.environ, **system.env}
-    return subprocess.run(
-        [str(command), *args], env=environment, capture_output=True, text=True, timeout=120, check=False
-    )
+from pacs_e2e.system import pacs_cli
 
 
 async def _publish(system: LocalSystem, message: IngestMessage) -> None:
@@ -64,7 +54,7 @@ def test_dead_letter_then_replay(pacs: LocalSystem, index: IndexReader, tmp_path
     while not letters:
         assert time.monotonic() < deadline, "the message never reached the dead-letter queue"
         time.sleep(0.5)
-        listed = _pacs(pacs, "dlq", "list", "--json")
+        listed = pacs_cli(pacs, "dlq", "list", "--json")
         assert listed.returncode == 0, listed.stderr
         letters = [
             entry for entry in json.loads(listed.stdout) if entry["sop_instance_uid"] == ds.SOPInstanceUID
@@ -77,8 +67,8 @@ def test_dead_letter_then_replay(pacs: LocalSystem, index: IndexReader, tmp_path
     target = pacs.storage_path / key
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(path, target)
-    replayed = _pacs(pacs, "dlq", "replay", "--all")
+    replayed = pacs_cli(pacs, "dlq", "replay", "--all")
     assert replayed.returncode == 0, replayed.stderr
     index.wait_for_instances([ds.SOPInstanceUID], timeout=60)
-    after = json.loads(_pacs(pacs, "dlq", "list", "--json").stdout)
+    after = json.loads(pacs_cli(pacs, "dlq", "list", "--json").stdout)
     assert not [entry for entry in after if entry["sop_instance_uid"] == ds.SOPInstanceUID]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +130,95 @@ def dataset_bytes(path: Path) -> bytes:
 
 def read_dataset(path: Path) -> Dataset:
     return dcmread(path, stop_before_pixels=True)
+
+
+@dataclass(frozen=True)
+class SeriesSpec:
+    modality: str
+    images: int
+    body_part: str = ""
+
+
+@dataclass
+class StudyFiles:
+    """A generated study: its identity and the files written for it."""
+
+    patient_id: str
+    patient_name: str
+    study_instance_uid: str
+    study_date: str
+    accession_number: str
+    series: dict[str, list[Path]] = field(default_factory=dict)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [p for paths in self.series.values() for p in paths]
+
+    @property
+    def modalities(self) -> set[str]:
+        return {dcmread(paths[0], stop_before_pixels=True).Modality for paths in self.series.values()}
+
+
+def write_study(
+    directory: Path,
+    *,
+    patient_id: str,
+    patient_name: str,
+    study_date: str,
+    accession_number: str,
+    series: Sequence[SeriesSpec],
+    study_description: str = "E2E study",
+    birth_date: str = "19700101",
+    size: int = 16,
+) -> StudyFiles:
+    """A small study (tiny 16-bit images, uncompressed) with the given
+    series; every instance different."""
+    study = StudyFiles(patient_id, patient_name, generate_uid(), study_date, accession_number)
+    for series_number, spec in enumerate(series, 1):
+        series_uid = generate_uid()
+        folder = directory / study.study_instance_uid / series_uid
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for number in range(1, spec.images + 1):
+            sop_uid = generate_uid()
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = CTImageStorage
+            meta.MediaStorageSOPInstanceUID = sop_uid
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+            ds = Dataset()
+            ds.file_meta = meta
+            ds.SpecificCharacterSet = "ISO_IR 100"
+            ds.SOPClassUID = CTImageStorage
+            ds.SOPInstanceUID = sop_uid
+            ds.StudyDate = study_date
+            ds.StudyTime = "093000"
+            ds.AccessionNumber = accession_number
+            ds.Modality = spec.modality
+            ds.StudyDescription = study_description
+            ds.SeriesDescription = f"{spec.modality} series {series_number}"
+            ds.PatientName = patient_name
+            ds.PatientID = patient_id
+            ds.PatientBirthDate = birth_date
+            ds.PatientSex = "O"
+            if spec.body_part:
+                ds.BodyPartExamined = spec.body_part
+            ds.StudyInstanceUID = study.study_instance_uid
+            ds.SeriesInstanceUID = series_uid
+            ds.StudyID = "1"
+            ds.SeriesNumber = series_number
+            ds.InstanceNumber = number
+            ds.SamplesPerPixel = 1
+            ds.PhotometricInterpretation = "MONOCHROME2"
+            ds.Rows = ds.Columns = size
+            ds.BitsAllocated = 16
+            ds.BitsStored = 12
+            ds.HighBit = 11
+            ds.PixelRepresentation = 0
+            pixels = np.full((size, size), number, dtype=np.uint16)
+            ds.PixelData = pixels.tobytes()
+            path = folder / f"IM{number:05d}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            paths.append(path)
+        study.series[series_uid] = paths
+    return study

@@ -9,6 +9,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
 from pacs_e2e.corpus import CorpusFile
 
 # Debian's DCMTK does not set TCP_NODELAY unless told: without it every
@@ -183,3 +186,80 @@ class ReferenceReceiver:
     def received(self) -> list[Path]:
         """The received files in arrival order (storescp -tn names them by time)."""
         return sorted(p for p in self.directory.iterdir() if p.is_file())
+
+
+def _keys(keys: Sequence[str]) -> list[str]:
+    args: list[str] = []
+    for key in keys:
+        args += ["-k", key]
+    return args
+
+
+def findscu(
+    port: int,
+    model: str,
+    keys: Sequence[str],
+    out_dir: Path,
+    *,
+    called: str = "PACS",
+    calling: str = "E2E",
+    extra: Sequence[str] = (),
+) -> tuple[Result, list[Dataset]]:
+    """C-FIND with DCMTK's findscu (``model``: -P, -S or -W); returns the
+    result and the response identifiers it extracted (-X), in order."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("rsp*.dcm"):
+        old.unlink()
+    args = ["findscu", "-v", model, "-aet", calling, "-aec", called, "-X", "-od", str(out_dir)]
+    result = run([*args, *_keys(keys), *extra, "127.0.0.1", str(port)], timeout=120)
+    responses = [dcmread(p) for p in sorted(out_dir.glob("rsp*.dcm"))]
+    return result, responses
+
+
+def movescu(
+    port: int,
+    model: str,
+    keys: Sequence[str],
+    destination: str,
+    *,
+    out_dir: Path | None = None,
+    receive_port: int | None = None,
+    called: str = "PACS",
+    calling: str = "E2E",
+    extra: Sequence[str] = (),
+) -> Result:
+    """C-MOVE with DCMTK's movescu.  With ``receive_port``, movescu itself
+    is the destination (its own storage SCP writes to ``out_dir``)."""
+    args = ["movescu", "-v", model, "-aet", calling, "-aec", called, "-aem", destination]
+    if receive_port is not None:
+        assert out_dir is not None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        args += ["--port", str(receive_port), "-od", str(out_dir)]
+    return run([*args, *_keys(keys), *extra, "127.0.0.1", str(port)], timeout=300)
+
+
+def getscu(
+    port: int,
+    model: str,
+    keys: Sequence[str],
+    out_dir: Path,
+    *,
+    called: str = "PACS",
+    calling: str = "E2E",
+    extra: Sequence[str] = (),
+) -> Result:
+    """C-GET with DCMTK's getscu; the instances land in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = ["getscu", "-v", model, "-aet", calling, "-aec", called, "-od", str(out_dir)]
+    return run([*args, *_keys(keys), *extra, "127.0.0.1", str(port)], timeout=300)
+
+
+def final_status(result: Result, operation: str) -> str:
+    """The status text of the final C-MOVE/C-GET response in a -v log,
+    e.g. "Success" or "Warning" ("" when there was none)."""
+    status = ""
+    marker = f"Received Final {operation} Response"
+    for line in result.output.splitlines():
+        if marker in line:
+            status = line.partition("(")[2].rstrip(")").strip()
+    return status

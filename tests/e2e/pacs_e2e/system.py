@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -74,3 +76,12 @@ def running_system(
 
             drop_database(DatabaseSettings(url=system.database_url))
             asyncio.run(_delete_namespace(system.broker_url, namespace))
+
+
+def pacs_cli(system: LocalSystem, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the ``pacs`` admin command against ``system`` (its database and broker)."""
+    command = Path(sys.executable).with_name("pacs")
+    environment = {**os.environ, **system.env}
+    return subprocess.run(
+        [str(command), *args], env=environment, capture_output=True, text=True, timeout=timeout, check=False
+    )
