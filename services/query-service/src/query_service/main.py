@@ -1,0 +1,93 @@
+"""The query-service process: settings → pool → app → serve until SIGTERM.
+
+``main()`` is the entry point (``query-service`` / ``python -m
+query_service``); :func:`run` is the same service as a coroutine.  The
+database is connected with retries (a service started before PostgreSQL
+waits for it); the HTTP server starts once the pool exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import asyncpg
+from prometheus_client import CollectorRegistry
+
+from pacs_common.db.pool import create_pool
+from pacs_common.settings import DatabaseSettings, QuerySettings, TelemetrySettings
+from pacs_common.telemetry import configure_logging, configure_tracing, serve_http
+from query_service.app import SERVICE, create_app
+
+__all__ = ["main", "run"]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+_CONNECT_BACKOFF_MAX = 10.0
+
+
+async def _until_connected(what: str, connect: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T | None:
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            return await connect()
+        except Exception as exc:
+            logger.warning("%s unavailable, retrying in %.1fs: %s", what, delay, exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, _CONNECT_BACKOFF_MAX)
+    return None
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+
+
+async def run(
+    settings: QuerySettings,
+    database_settings: DatabaseSettings,
+    *,
+    stop: asyncio.Event | None = None,
+    registry: CollectorRegistry | None = None,
+    handle_signals: bool = False,
+) -> None:
+    """Serve until ``stop`` is set (or SIGTERM/SIGINT with ``handle_signals``)."""
+    stop = stop or asyncio.Event()
+    if handle_signals:
+        _install_signal_handlers(stop)
+    pool: asyncpg.Pool | None = await _until_connected(
+        "database", lambda: create_pool(database_settings, application_name=SERVICE), stop
+    )
+    if pool is None:
+        return
+    try:
+        app = create_app(pool, settings, registry or CollectorRegistry())
+        server = await serve_http(app, settings.http_host, settings.http_port)
+        logger.info("query-service listening", extra={"port": settings.http_port})
+        try:
+            await stop.wait()
+        finally:
+            server.should_exit = True
+            await asyncio.sleep(0)
+    finally:
+        await pool.close()
+        logger.info("query-service stopped")
+
+
+def main() -> None:
+    settings = QuerySettings()
+    database_settings = DatabaseSettings()
+    telemetry = TelemetrySettings()
+    configure_logging(telemetry, SERVICE)
+    configure_tracing(telemetry, SERVICE)
+    asyncio.run(run(settings, database_settings, handle_signals=True))
