@@ -15,17 +15,27 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
+from dataclasses import dataclass
 
 from opentelemetry import context as otel_context
+from pydantic import BaseModel
 
-from pacs_common.messaging.broker import Broker, PublishError
-from pacs_common.messaging.models import IngestMessage
+from pacs_common.messaging.broker import Broker, PublishError, build_message
+from pacs_common.messaging.models import EVENT_ROUTING_KEYS, IngestMessage
 from pacs_common.settings import BrokerSettings
 
 log = logging.getLogger(__name__)
 
 # Slack for the loop thread to pick the work up, on top of the publish timeout.
 _HANDOFF_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class _EventMessage:
+    routing_key: str
+    body: bytes
+    message_id: str | None
+    schema: str | None
 
 
 class BlockingPublisher:
@@ -110,6 +120,69 @@ class BlockingPublisher:
         try:
             async with asyncio.timeout(wait):
                 await broker.publish_ingest(message)
+        except TimeoutError:
+            raise PublishError(f"no confirm within {wait}s") from None
+        finally:
+            otel_context.detach(token)
+
+    def publish_event(self, event: BaseModel, timeout: float | None = None) -> None:
+        """Publish an event (any model of ``EVENT_ROUTING_KEYS``) to the events
+        exchange and block until the broker confirmed; PublishError otherwise."""
+        future = self._submit_event(event, timeout)
+        wait = self._settings.publish_timeout_seconds if timeout is None else timeout
+        try:
+            future.result(timeout=wait + _HANDOFF_SECONDS)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise PublishError(f"no confirm within {wait}s") from None
+        except PublishError:
+            raise
+        except Exception as exc:
+            raise PublishError(f"publish failed: {exc!r}") from exc
+
+    async def publish_event_async(self, event: BaseModel) -> None:
+        """:meth:`publish_event` awaited from another event loop (e.g. inside a
+        database transaction run by :class:`pacs_common.db.blocking.BlockingPool`),
+        without blocking that loop; bounded by the publish timeout."""
+        future = self._submit_event(event, None)
+        try:
+            await asyncio.wrap_future(future)
+        except PublishError:
+            raise
+        except Exception as exc:
+            raise PublishError(f"publish failed: {exc!r}") from exc
+
+    def _submit_event(self, event: BaseModel, timeout: float | None) -> concurrent.futures.Future[None]:
+        broker, loop = self._broker, self._loop
+        if broker is None or loop is None or not loop.is_running():
+            raise PublishError("publisher not started")
+        if not broker.is_healthy():
+            raise PublishError("not connected to the broker")
+        routing_key = EVENT_ROUTING_KEYS.get(type(event))
+        if routing_key is None:
+            raise TypeError(f"{type(event).__name__} is not an event (no routing key)")
+        wait = self._settings.publish_timeout_seconds if timeout is None else timeout
+        body = event.model_dump_json(by_alias=True).encode()
+        message_id = str(getattr(event, "message_id", "")) or None
+        schema = getattr(event, "schema_", None)
+        message = _EventMessage(routing_key, body, message_id, schema)
+        coroutine = self._publish_event(broker, message, wait, otel_context.get_current())
+        try:
+            return asyncio.run_coroutine_threadsafe(coroutine, loop)
+        except RuntimeError as exc:  # the loop closed meanwhile (stop())
+            coroutine.close()
+            raise PublishError("publisher stopped") from exc
+
+    @staticmethod
+    async def _publish_event(
+        broker: Broker, event: _EventMessage, wait: float, caller: otel_context.Context
+    ) -> None:
+        token = otel_context.attach(caller)
+        try:
+            async with asyncio.timeout(wait):
+                # Built here so the message carries the caller's trace context.
+                message = build_message(event.body, message_id=event.message_id, schema=event.schema)
+                await broker.publish_raw(broker.topology.events_exchange, event.routing_key, message)
         except TimeoutError:
             raise PublishError(f"no confirm within {wait}s") from None
         finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -94,10 +94,54 @@ class StudyStable(_Message):
 
 Event = Annotated[InstanceStored | StudyStable, Field(discriminator="schema_")]
 
+
+class _MppsEvent(_Message):
+    """A Modality Performed Procedure Step changed state (N-CREATE / N-SET).
+
+    Published after the new state is written and before it is committed; a
+    consumer may see the same state twice (the modality retried after a
+    failure answer), so it keys on ``(sop_instance_uid, status)``.
+    """
+
+    sop_instance_uid: str
+    calling_ae_title: str | None
+    patient_id: str | None
+    accession_number: str | None
+    study_instance_uid: str | None
+    scheduled_procedure_step_id: str | None
+    # The worklist item the step performs (None: unscheduled or not found).
+    worklist_item_pk: int | None
+    performed_series_uids: list[str] = Field(default_factory=list)
+    modality: str | None = None
+    # The step as DICOM JSON, N-SET modifications applied.
+    attributes: dict[str, Any] = Field(default_factory=dict)
+
+
+class MppsInProgress(_MppsEvent):
+    schema_: Literal["mpps.in-progress/1"] = Field(default="mpps.in-progress/1", alias="schema")
+    status: Literal["IN PROGRESS"] = "IN PROGRESS"
+
+
+class MppsCompleted(_MppsEvent):
+    schema_: Literal["mpps.completed/1"] = Field(default="mpps.completed/1", alias="schema")
+    status: Literal["COMPLETED"] = "COMPLETED"
+
+
+class MppsDiscontinued(_MppsEvent):
+    schema_: Literal["mpps.discontinued/1"] = Field(default="mpps.discontinued/1", alias="schema")
+    status: Literal["DISCONTINUED"] = "DISCONTINUED"
+
+
+MppsEvent = MppsInProgress | MppsCompleted | MppsDiscontinued
+MppsEventAdapter: TypeAdapter[MppsEvent] = TypeAdapter(Annotated[MppsEvent, Field(discriminator="schema_")])
+
 #: Routing keys of the events topic exchange.
 EVENT_ROUTING_KEYS: dict[type[BaseModel], str] = {
     InstanceStored: "instance.stored",
     StudyStable: "study.stable",
+    MppsInProgress: "mpps.in-progress",
+    MppsCompleted: "mpps.completed",
+    MppsDiscontinued: "mpps.discontinued",
 }
 
 _ingest_adapter: TypeAdapter[IngestMessage] = TypeAdapter(IngestMessage)
@@ -105,6 +149,11 @@ _ingest_adapter: TypeAdapter[IngestMessage] = TypeAdapter(IngestMessage)
 
 def encode(message: _Message) -> bytes:
     return message.model_dump_json(by_alias=True).encode()
+
+
+def decode_mpps_event(body: bytes) -> MppsEvent:
+    """Parse an MPPS event; raises pydantic.ValidationError on anything else."""
+    return MppsEventAdapter.validate_json(body)
 
 
 def decode_ingest(body: bytes) -> IngestMessage:
