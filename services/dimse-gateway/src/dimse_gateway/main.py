@@ -1,4 +1,5 @@
-"""dimse-gateway: wires settings → storage → broker → pynetdicom, serves until SIGTERM."""
+"""dimse-gateway: wires settings → storage → broker → database → query-service
+→ pynetdicom, serves until SIGTERM."""
 
 from __future__ import annotations
 
@@ -12,16 +13,36 @@ import time
 from prometheus_client import CollectorRegistry
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom import evt
+from pynetdicom.events import EventHandlerType
 
 from dimse_gateway.associations import AssociationObserver
+from dimse_gateway.commitment import CommitmentHandler
+from dimse_gateway.find import FindHandler
+from dimse_gateway.get import GetHandler
 from dimse_gateway.metrics import GatewayMetrics
-from dimse_gateway.server import ReusePortAssociationServer, build_ae, start_server
+from dimse_gateway.move import MoveHandler, RegistryNodeDirectory
+from dimse_gateway.mpps import MppsHandler
+from dimse_gateway.sending import InstanceFiles, RetrieveSettings
+from dimse_gateway.server import (
+    FindRouter,
+    FindService,
+    RetrieveHandlers,
+    ReusePortAssociationServer,
+    build_ae,
+    start_server,
+)
 from dimse_gateway.store import StoreHandler
+from dimse_gateway.workflow_contexts import MODALITY_WORKLIST_FIND, add_workflow_contexts
+from dimse_gateway.worklist import WorklistHandler
+from pacs_common.db.blocking import BlockingPool
 from pacs_common.messaging.blocking import BlockingPublisher
+from pacs_common.nodes import tls_client_context
+from pacs_common.query import QueryClient
 from pacs_common.receiving import InstanceReceiver
-from pacs_common.settings import BrokerSettings, GatewaySettings, TelemetrySettings
+from pacs_common.settings import BrokerSettings, DatabaseSettings, GatewaySettings, TelemetrySettings
 from pacs_common.storage import ObjectStorage, StorageRegistry
 from pacs_common.telemetry import configure_logging, configure_tracing, create_observability_app, serve_http
+from pacs_common.workflow.settings import WorkflowSettings
 
 SERVICE = "dimse-gateway"
 HOT_TIER = "hot"
@@ -35,9 +56,11 @@ def _configure_pynetdicom(settings: GatewaySettings) -> None:
 
     Received datasets are written to disk as they arrive (never whole in
     memory) into the spool directory; on the same filesystem as a filesystem
-    hot tier, storing the instance is then a hard link, not a copy.
+    hot tier, storing the instance is then a hard link, not a copy.  C-MOVE /
+    C-GET sub-operations send files the same way, in chunks.
     """
     pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
     settings.spool_dir.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(settings.spool_dir)
 
@@ -85,29 +108,71 @@ def _drain(server: ReusePortAssociationServer, grace_seconds: float) -> None:
 
 def main() -> None:
     settings = GatewaySettings()
+    retrieve_settings = RetrieveSettings()
     telemetry = TelemetrySettings()
     configure_logging(telemetry, SERVICE)
     configure_tracing(telemetry, SERVICE)
     _configure_pynetdicom(settings)
 
-    storage = StorageRegistry.from_settings((HOT_TIER,))
+    tiers = tuple(dict.fromkeys((HOT_TIER, *retrieve_settings.tiers)))
+    storage = StorageRegistry.from_settings(tiers)
     publisher = BlockingPublisher(BrokerSettings())
     try:
         publisher.start()
     except Exception as exc:
         logger.error("cannot reach the broker: %s", exc)
         sys.exit(1)
+    # The node registry (C-MOVE destinations).  No connection is opened up
+    # front: a database that is down fails C-MOVEs, not the gateway.
+    database = BlockingPool(
+        DatabaseSettings().model_copy(update={"pool_min_size": 0}), application_name=SERVICE
+    )
+    database.start()
+    query = QueryClient(settings.query_url, timeout_seconds=settings.query_timeout_seconds)
 
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
     receiver = InstanceReceiver(storage.get(HOT_TIER), HOT_TIER, publisher.publish_ingest)
-    handlers = [(evt.EVT_C_STORE, StoreHandler(receiver, metrics)), *AssociationObserver(metrics).handlers()]
+    files = InstanceFiles(storage, settings.spool_dir)
+    tls_context = tls_client_context(
+        retrieve_settings.tls_ca_file, retrieve_settings.tls_cert_file, retrieve_settings.tls_key_file
+    )
+    find = FindHandler(query, settings.ae_title, metrics)
+    # One EVT_C_FIND handler; Modality Worklist's Find SOP class joins this map.
+    find_services: dict[str, FindService] = dict.fromkeys(FindHandler.sop_classes, find)
+    find_services[MODALITY_WORKLIST_FIND] = WorklistHandler(query, metrics)
+    mpps = MppsHandler(database, publisher, metrics)
+    commitment = CommitmentHandler(database, WorkflowSettings(), metrics, ae_title=settings.ae_title)
+    handlers: list[EventHandlerType] = [
+        (evt.EVT_C_STORE, StoreHandler(receiver, metrics)),
+        (evt.EVT_C_FIND, FindRouter(find_services)),
+        *mpps.handlers(),
+        *commitment.handlers(),
+        *AssociationObserver(metrics).handlers(),
+    ]
+    retrieve = RetrieveHandlers(
+        move=MoveHandler(
+            settings,
+            query,
+            RegistryNodeDirectory(database),
+            files,
+            metrics,
+            ssl_context_factory=lambda: tls_context,
+        ),
+        get=GetHandler(query, files, metrics),
+    )
     ae = build_ae(settings)
-    server = start_server(ae, settings, handlers)
+    add_workflow_contexts(ae)
+    server = start_server(ae, settings, handlers, retrieve)
     metrics.active_associations.set_function(lambda: len(server.active_associations))
+    # Commitment requests a previous process accepted but did not report.
+    commitment.resume_pending()
     try:
         asyncio.run(_serve(settings, server, publisher, storage.get(HOT_TIER), registry))
     finally:
+        commitment.close()
         publisher.stop()
+        query.close()
+        database.stop()
         storage.close()
         logger.info("stopped")

@@ -33,3 +33,30 @@ class GatewayMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        # Query/retrieve.  Requests by final status are in `operations`
+        # (operation C-FIND / C-MOVE / C-GET).
+        self.find_matches = Counter(
+            "pacs_dimse_find_matches",
+            "C-FIND pending responses sent, by Q/R level.",
+            ["level"],
+            registry=registry,
+        )
+        self.suboperations = Counter(
+            "pacs_dimse_suboperations",
+            "C-STORE sub-operations of C-MOVE / C-GET, by operation and outcome (completed, warning, failed).",
+            ["operation", "outcome"],
+            registry=registry,
+        )
+        self.transcodes = Counter(
+            "pacs_dimse_transcodes",
+            "Instances converted to another transfer syntax for a peer, by outcome (converted, failed).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.retrieve_seconds = Histogram(
+            "pacs_dimse_retrieve_seconds",
+            "Time from a C-FIND / C-MOVE / C-GET request to its final response.",
+            ["operation"],
+            buckets=(*_LATENCY_BUCKETS, 60, 300, 900),
+            registry=registry,
+        )

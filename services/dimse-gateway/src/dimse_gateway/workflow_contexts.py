@@ -7,8 +7,7 @@ syntaxes only.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Final
+from typing import Final
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -18,7 +17,6 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE
-from pynetdicom.events import Event
 
 MODALITY_WORKLIST_FIND: Final = "1.2.840.10008.5.1.4.31"
 MODALITY_PERFORMED_PROCEDURE_STEP: Final = "1.2.840.10008.3.1.2.3.3"
@@ -83,22 +81,3 @@ def add_workflow_contexts(ae: AE) -> None:
             ae.add_supported_context(abstract_syntax, transfer_syntaxes, scu_role=True, scp_role=True)
         else:
             ae.add_supported_context(abstract_syntax, transfer_syntaxes)
-
-
-FindHandler = Callable[[Event], Iterator[tuple[Any, Dataset | None]]]
-
-
-def route_c_find(routes: Mapping[str, FindHandler], default: FindHandler | None = None) -> FindHandler:
-    """One EVT_C_FIND handler (pynetdicom allows one per AE) that hands each
-    request to the handler of its SOP Class, e.g. the worklist's for MWL and
-    the Q/R handler for the rest."""
-
-    def handler(event: Event) -> Iterator[tuple[Any, Dataset | None]]:
-        sop_class = str(getattr(event.request, "AffectedSOPClassUID", "") or "")
-        chosen = routes.get(sop_class, default)
-        if chosen is None:
-            yield status(NO_SUCH_SOP_CLASS, f"C-FIND not supported for {sop_class}"), None
-            return
-        yield from chosen(event)
-
-    return handler

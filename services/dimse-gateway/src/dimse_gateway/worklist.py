@@ -46,8 +46,8 @@ class WorklistHandler:
     """Handles EVT_C_FIND of the Modality Worklist Information Model.
 
     pynetdicom binds one EVT_C_FIND handler per AE: with Q/R C-FIND in the
-    same gateway, bind ``route_c_find({MODALITY_WORKLIST_FIND: handler}, qr)``
-    (:mod:`dimse_gateway.workflow_contexts`) instead of :meth:`handlers`.
+    same gateway, register it in :class:`dimse_gateway.server.FindRouter`
+    under ``MODALITY_WORKLIST_FIND`` instead of binding :meth:`handlers`.
     """
 
     def __init__(

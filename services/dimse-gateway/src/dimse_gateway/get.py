@@ -1,0 +1,86 @@
+"""C-GET SCP for the Patient Root and Study Root Q/R information models.
+
+Like C-MOVE (see :mod:`dimse_gateway.move` and :mod:`dimse_gateway.sending`)
+but the C-STORE sub-operations go back over the requestor's own
+association: the requestor proposed storage contexts with SCP/SCU role
+selection (it the SCP, us the SCU), and each instance is sent in its stored
+transfer syntax when one of those contexts accepted it, else converted to
+one that was accepted.  An instance whose SOP class has no such context is a
+failed sub-operation.  Pending responses carry the counts; the final
+response is 0x0000 / 0xB000 / 0xA702 / 0xFE00 with the Failed SOP Instance
+UID List.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_GET
+from pynetdicom.presentation import PresentationContext
+
+from dimse_gateway import sending
+from dimse_gateway.identifiers import GET_MODELS
+from dimse_gateway.metrics import GatewayMetrics
+from dimse_gateway.sending import (
+    AssociationTarget,
+    InstanceFiles,
+    RetrieveFailedError,
+    RetrieveResponder,
+    SubOperationCounts,
+    SubOperationSender,
+    decode_identifier,
+    instances_to_send,
+)
+from pacs_common.query import QueryClient
+
+logger = logging.getLogger(__name__)
+
+OPERATION = "C-GET"
+
+
+class GetHandler:
+    """Serves C-GET requests (called by :class:`dimse_gateway.server.GatewayAssociation`)."""
+
+    sop_classes: tuple[str, ...] = tuple(GET_MODELS)
+
+    def __init__(self, query: QueryClient, files: InstanceFiles, metrics: GatewayMetrics) -> None:
+        self._query = query
+        self._sender = SubOperationSender(files, metrics, OPERATION)
+        self._metrics = metrics
+
+    def __call__(self, assoc: Association, request: C_GET, context: PresentationContext) -> None:
+        started = time.perf_counter()
+        responder = RetrieveResponder(assoc, request, context)
+        try:
+            self._get(assoc, request, context, responder)
+        except RetrieveFailedError as exc:
+            logger.warning("C-GET refused: %s", exc.comment)
+            responder.final(exc.status, comment=exc.comment)
+        except Exception:
+            logger.exception("C-GET failed")
+            if responder.final_status is None:
+                responder.final(sending.UNABLE_TO_PROCESS, comment="internal error")
+        finally:
+            status = responder.final_status
+            self._metrics.operations.labels(OPERATION, "none" if status is None else f"0x{status:04X}").inc()
+            self._metrics.retrieve_seconds.labels(OPERATION).observe(time.perf_counter() - started)
+
+    def _get(
+        self, assoc: Association, request: C_GET, context: PresentationContext, responder: RetrieveResponder
+    ) -> None:
+        identifier = decode_identifier(request, context)
+        model = GET_MODELS.get(str(request.AffectedSOPClassUID))
+        if model is None:
+            raise RetrieveFailedError(sending.UNABLE_TO_PROCESS, "not a Q/R Get SOP class")
+        instances = instances_to_send(self._query, model, identifier)
+        if not instances:
+            responder.final(sending.SUCCESS, SubOperationCounts(remaining=0))
+            return
+        # C-STORE-RQ message IDs follow the C-GET's, as pynetdicom's own SCP does.
+        target = AssociationTarget(assoc, first_message_id=(responder.message_id % 0xFFFF) + 1)
+        result = self._sender.run(
+            instances, target, is_cancelled=responder.is_cancelled, progress=responder.pending
+        )
+        responder.complete(result)

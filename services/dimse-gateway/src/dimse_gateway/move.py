@@ -1,0 +1,193 @@
+"""C-MOVE SCP for the Patient Root and Study Root Q/R information models.
+
+Serves the request itself (see :mod:`dimse_gateway.sending` for why not
+through pynetdicom's ``EVT_C_MOVE`` generator): :mod:`dimse_gateway.server`
+hands every C-MOVE request to :class:`MoveHandler`, in the association's
+thread, which
+
+1. decodes the identifier and asks the query-service which instances it
+   names (``/v1/retrieve``);
+2. looks the Move Destination up in the remote-node registry: unknown, or
+   not allowed ``store`` → 0xA801 "Move destination unknown";
+3. opens a new association to that node as our AE title (TLS when the node
+   is marked so), proposing for each SOP class its stored transfer syntaxes
+   plus Explicit/Implicit VR Little Endian; cannot associate → 0xA702;
+4. runs the C-STORE sub-operations one at a time (unchanged when the stored
+   syntax was accepted, transcoded otherwise), sending a pending response
+   with the counts after each, stopping at C-CANCEL;
+5. answers 0x0000 / 0xB000 / 0xA702 / 0xFE00 with the counts and the Failed
+   SOP Instance UID List.
+
+Nothing is loaded into memory beyond one instance being transcoded.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_MOVE
+from pynetdicom.presentation import PresentationContext
+
+from dimse_gateway import sending
+from dimse_gateway.identifiers import MOVE_MODELS
+from dimse_gateway.metrics import GatewayMetrics
+from dimse_gateway.sending import (
+    AssociationTarget,
+    InstanceFiles,
+    RetrieveFailedError,
+    RetrieveResponder,
+    SubOperationCounts,
+    SubOperationSender,
+    decode_identifier,
+    instances_to_send,
+    proposed_storage_contexts,
+)
+from pacs_common.db.blocking import BlockingPool
+from pacs_common.nodes import Operation, RemoteNode, RemoteNodeRepository
+from pacs_common.query import QueryClient, RetrievableInstance
+from pacs_common.settings import GatewaySettings
+
+logger = logging.getLogger(__name__)
+
+OPERATION = "C-MOVE"
+
+
+class NodeDirectory(Protocol):
+    """Finds a registered node by AE title (blocking)."""
+
+    def get(self, ae_title: str) -> RemoteNode | None: ...
+
+
+class RegistryNodeDirectory:
+    """The remote-node registry in PostgreSQL, from handler threads."""
+
+    def __init__(self, pool: BlockingPool) -> None:
+        self._pool = pool
+
+    def get(self, ae_title: str) -> RemoteNode | None:
+        return self._pool.run(lambda pool: RemoteNodeRepository(pool).get(ae_title))
+
+
+class MoveHandler:
+    """Serves C-MOVE requests (called by :class:`dimse_gateway.server.GatewayAssociation`)."""
+
+    sop_classes: tuple[str, ...] = tuple(MOVE_MODELS)
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        query: QueryClient,
+        nodes: NodeDirectory,
+        files: InstanceFiles,
+        metrics: GatewayMetrics,
+        *,
+        ssl_context_factory: Callable[[], ssl.SSLContext] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._query = query
+        self._nodes = nodes
+        self._sender = SubOperationSender(files, metrics, OPERATION)
+        self._metrics = metrics
+        self._ssl_context_factory = ssl_context_factory
+
+    def __call__(self, assoc: Association, request: C_MOVE, context: PresentationContext) -> None:
+        started = time.perf_counter()
+        responder = RetrieveResponder(assoc, request, context)
+        try:
+            self._move(assoc, request, context, responder)
+        except RetrieveFailedError as exc:
+            logger.warning("C-MOVE refused: %s", exc.comment)
+            responder.final(exc.status, comment=exc.comment)
+        except Exception:
+            logger.exception("C-MOVE failed")
+            if responder.final_status is None:
+                responder.final(sending.UNABLE_TO_PROCESS, comment="internal error")
+        finally:
+            status = responder.final_status
+            self._metrics.operations.labels(OPERATION, "none" if status is None else f"0x{status:04X}").inc()
+            self._metrics.retrieve_seconds.labels(OPERATION).observe(time.perf_counter() - started)
+
+    def _move(
+        self, assoc: Association, request: C_MOVE, context: PresentationContext, responder: RetrieveResponder
+    ) -> None:
+        identifier = decode_identifier(request, context)
+        model = MOVE_MODELS.get(str(request.AffectedSOPClassUID))
+        if model is None:
+            raise RetrieveFailedError(sending.UNABLE_TO_PROCESS, "not a Q/R Move SOP class")
+        node = self._destination(str(request.MoveDestination or "").strip())
+        instances = instances_to_send(self._query, model, identifier)
+        if not instances:
+            responder.final(sending.SUCCESS, SubOperationCounts(remaining=0))
+            return
+        store_assoc = self._associate(node, instances)
+        counts = SubOperationCounts(remaining=len(instances))
+        if store_assoc is None:
+            reason = f"cannot associate with {node.ae_title}"
+            counts.fail_remaining((i.sop_instance_uid for i in instances), reason)
+            self._metrics.suboperations.labels(OPERATION, "failed").inc(len(instances))
+            responder.final(sending.UNABLE_TO_PERFORM_SUBOPERATIONS, counts, comment=reason)
+            return
+        try:
+            target = AssociationTarget(
+                store_assoc,
+                first_message_id=1,
+                move_originator=(assoc.requestor.ae_title, responder.message_id),
+            )
+            result = self._sender.run(
+                instances, target, is_cancelled=responder.is_cancelled, progress=responder.pending
+            )
+        finally:
+            if store_assoc.is_established:
+                store_assoc.release()
+        responder.complete(result)
+
+    def _destination(self, ae_title: str) -> RemoteNode:
+        if not ae_title:
+            raise RetrieveFailedError(sending.MOVE_DESTINATION_UNKNOWN, "move destination missing")
+        try:
+            node = self._nodes.get(ae_title)
+        except Exception as exc:
+            logger.error("C-MOVE: node registry unavailable: %s", exc)
+            raise RetrieveFailedError(sending.UNABLE_TO_PROCESS, "node registry unavailable") from exc
+        if node is None:
+            raise RetrieveFailedError(
+                sending.MOVE_DESTINATION_UNKNOWN, f"move destination {ae_title} unknown"
+            )
+        if not node.allows(Operation.STORE):
+            raise RetrieveFailedError(
+                sending.MOVE_DESTINATION_UNKNOWN, f"move destination {ae_title} may not receive"
+            )
+        return node
+
+    def _associate(self, node: RemoteNode, instances: list[RetrievableInstance]) -> Association | None:
+        settings = self._settings
+        ae = AE(ae_title=settings.ae_title)
+        ae.connection_timeout = settings.retrieve_connect_timeout_seconds
+        ae.acse_timeout = settings.retrieve_connect_timeout_seconds
+        ae.dimse_timeout = settings.dimse_timeout_seconds
+        ae.network_timeout = settings.network_timeout_seconds
+        tls_args = None
+        if node.tls:
+            factory = self._ssl_context_factory
+            if factory is None:
+                logger.error("C-MOVE: node %s wants TLS, no TLS client context configured", node.ae_title)
+                return None
+            tls_args = (factory(), node.host)
+        store_assoc = ae.associate(
+            node.host,
+            node.port,
+            contexts=proposed_storage_contexts(instances),
+            ae_title=node.ae_title,
+            max_pdu=settings.max_pdu_bytes,
+            tls_args=tls_args,
+        )
+        if not store_assoc.is_established:
+            logger.warning("C-MOVE: no association with %s at %s:%d", node.ae_title, node.host, node.port)
+            return None
+        return store_assoc
