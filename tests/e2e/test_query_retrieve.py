@@ -17,6 +17,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_charset_files, get_testdata_file
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -26,7 +27,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from pacs_common.localrun.infra import find_free_port
 from pacs_common.localrun.runner import LocalSystem
-from pacs_e2e.corpus import SeriesSpec, StudyFiles, dataset_bytes, write_study
+from pacs_e2e.corpus import CorpusFile, SeriesSpec, StudyFiles, dataset_bytes, write_study
 from pacs_e2e.dcmtk import (
     DCMTK_ENV,
     ReferenceReceiver,
@@ -35,8 +36,10 @@ from pacs_e2e.dcmtk import (
     findscu,
     getscu,
     movescu,
+    store_outcomes,
     storescu,
     tool,
+    write_storescu_config,
 )
 from pacs_e2e.index import IndexReader
 from pacs_e2e.orthanc import OrthancServer, orthanc_binary
@@ -57,8 +60,8 @@ class Archive:
 
 
 def _jpeg_study(directory: Path, patient_id: str) -> StudyFiles:
-    """pydicom's JPEG Lossless test image, moved into a study of our own."""
-    source = get_testdata_file("JPEG-LL.dcm")
+    """pydicom's JPEG 2000 lossless MR image, moved into a study of our own."""
+    source = get_testdata_file("MR_small_jp2klossless.dcm", download=False)
     assert source is not None
     ds = dcmread(source)
     study = StudyFiles(patient_id, "Smith^Anna", generate_uid(), "20231202", "QR-JPEG")
@@ -130,8 +133,17 @@ def archive(pacs: LocalSystem, index: IndexReader, tmp_path_factory: pytest.Temp
         charset_files=_charset_files(root),
     )
     paths = [p for study in archive.studies for p in study.paths] + archive.charset_files
-    result = storescu(pacs.gateway_port, paths)
-    assert result.returncode == 0, result.output
+    files = [
+        CorpusFile(
+            p, str(m.MediaStorageSOPClassUID), str(m.MediaStorageSOPInstanceUID), str(m.TransferSyntaxUID)
+        )
+        for p in paths
+        for m in [read_file_meta_info(p)]
+    ]
+    profile = write_storescu_config(files, root / "storescu.cfg")
+    result = storescu(pacs.gateway_port, paths, config=(root / "storescu.cfg", profile))
+    outcomes = store_outcomes(result)
+    assert set(outcomes.values()) == {"Success"}, outcomes
     sop_uids = [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
     index.wait_for_instances(sop_uids)
     return archive
@@ -413,7 +425,7 @@ def test_move_to_unknown_destination(pacs: LocalSystem, archive: Archive) -> Non
         ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={archive.doe_ct.study_instance_uid}"],
         "NOWHERE",
     )
-    assert "Move Destination Unknown" in result.output or "a801" in result.output.lower(), result.output
+    assert final_status(result, "Move") == "Refused: MoveDestinationUnknown", result.output
 
 
 def test_getscu(pacs: LocalSystem, archive: Archive, tmp_path: Path) -> None:

@@ -7,6 +7,10 @@ instances/s and MB/s (a) acknowledged by the receiver and (b) indexed and
 queryable; CPU seconds per 1000 instances per process (all PACS processes
 plus PostgreSQL and RabbitMQ); peak RSS per process.  Prints, never fails on
 time.
+
+Then the query/retrieve benchmark (:mod:`pacs_e2e.bench_query`: C-FIND and
+query-service latency over a synthesized index, C-MOVE throughput).
+``--only store`` / ``--only query`` runs one of the two.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pacs_common.localrun.infra import find_free_port
 from pacs_common.localrun.runner import LocalSystem
+from pacs_e2e import bench_query
 from pacs_e2e.corpus import write_ct_series
 from pacs_e2e.dcmtk import DCMTK_ENV, dcmtk_available, echoscu, tool
 from pacs_e2e.index import IndexReader
@@ -172,11 +177,12 @@ def _spawn(name: str, called: str, port: int, args: list[str]) -> ProcessTarget:
     return ProcessTarget(name, called, port, proc)
 
 
-def _start_orthanc(workdir: Path) -> ProcessTarget | None:
+def _start_orthanc(workdir: Path, extra: Mapping[str, object] | None = None) -> ProcessTarget | None:
     if shutil.which("Orthanc") is None:
         return None
+    workdir.mkdir(parents=True, exist_ok=True)
     port = find_free_port()
-    config = {
+    config: dict[str, object] = {
         "Name": "bench",
         "DicomAet": "ORTHANC",
         "DicomPort": port,
@@ -187,6 +193,7 @@ def _start_orthanc(workdir: Path) -> ProcessTarget | None:
         "AuthenticationEnabled": False,
         "DicomCheckCalledAet": False,
         "Plugins": [],
+        **(extra or {}),
     }
     (workdir / "orthanc.json").write_text(json.dumps(config))
     return _spawn("Orthanc 1.10", "ORTHANC", port, ["Orthanc", str(workdir / "orthanc.json")])
@@ -265,8 +272,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=1, help="runs per case (figures of each are printed)")
     parser.add_argument("--no-compare", action="store_true", help="skip Orthanc and storescp")
+    parser.add_argument(
+        "--only", choices=("store", "query"), help="run only the C-STORE or only the query/retrieve benchmark"
+    )
+    bench_query.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.only != "query":
+        _store_bench(args)
+    if args.only != "store":
+        bench_query.run_query_bench(
+            instances=args.instances,
+            queries=args.queries,
+            kind_budget=args.kind_budget,
+            move_repeat=args.move_repeat,
+            compare=not args.no_compare,
+        )
 
+
+def _store_bench(args: argparse.Namespace) -> None:
     runs: list[Run] = []
     rss: dict[str, dict[str, int]] = {}
     with tempfile.TemporaryDirectory(prefix="pacs-bench-") as tmp:

@@ -212,7 +212,7 @@ def findscu(
         old.unlink()
     args = ["findscu", "-v", model, "-aet", calling, "-aec", called, "-X", "-od", str(out_dir)]
     result = run([*args, *_keys(keys), *extra, "127.0.0.1", str(port)], timeout=120)
-    responses = [dcmread(p) for p in sorted(out_dir.glob("rsp*.dcm"))]
+    responses: list[Dataset] = [dcmread(p) for p in sorted(out_dir.glob("rsp*.dcm"))]
     return result, responses
 
 
