@@ -43,6 +43,7 @@ from pynetdicom.presentation import build_role
 
 from dimse_gateway import workflow_contexts as wf
 from dimse_gateway.metrics import GatewayMetrics
+from dimse_gateway.sockets import disable_nagle
 from pacs_common.db.blocking import BlockingPool
 from pacs_common.workflow import commitment as repository
 from pacs_common.workflow.commitment import (
@@ -296,6 +297,7 @@ class CommitmentHandler:
         if not assoc.is_established:
             what = "rejected" if assoc.is_rejected else "aborted or unreachable"
             raise ReportError(f"association to {address.ae_title}@{address.host}:{address.port} {what}")
+        disable_nagle(assoc)
         try:
             answer, _ = assoc.send_n_event_report(
                 information,

@@ -48,6 +48,7 @@ from dimse_gateway.sending import (
     instances_to_send,
     proposed_storage_contexts,
 )
+from dimse_gateway.sockets import disable_nagle
 from pacs_common.db.blocking import BlockingPool
 from pacs_common.nodes import Operation, RemoteNode, RemoteNodeRepository
 from pacs_common.query import QueryClient, RetrievableInstance
@@ -190,4 +191,5 @@ class MoveHandler:
         if not store_assoc.is_established:
             logger.warning("C-MOVE: no association with %s at %s:%d", node.ae_title, node.host, node.port)
             return None
+        disable_nagle(store_assoc)
         return store_assoc

@@ -31,6 +31,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dimse_gateway.identifiers import FIND_MODELS, GET_MODELS, MOVE_MODELS
+from dimse_gateway.sockets import disable_nagle
 from pacs_common.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class GatewayRequestHandler(RequestHandler):
         # state, only request routing, so switching its class before the
         # association's thread starts is safe.
         assoc.__class__ = GatewayAssociation
+        disable_nagle(assoc)
         return assoc
 
 

@@ -96,15 +96,17 @@ class QueryStream:
                 if line.match is not None:
                     yield line.match
                 elif line.done is not None:
+                    # Not returning yet: reading to the end of the body lets
+                    # the connection go back to the pool instead of closing.
                     self.completion = line.done
-                    return
                 elif line.error is not None:
                     raise QueryUnavailableError(line.error.reason, code=line.error.code)
         except httpx.HTTPError as exc:
             raise QueryUnavailableError(f"query-service connection failed: {exc!r}") from exc
         finally:
             self.close()
-        raise QueryUnavailableError("query-service ended the stream without completing")
+        if self.completion is None:
+            raise QueryUnavailableError("query-service ended the stream without completing")
 
     def close(self) -> None:
         self._response.close()
@@ -187,15 +189,15 @@ class AsyncQueryStream:
                 if line.match is not None:
                     yield line.match
                 elif line.done is not None:
-                    self.completion = line.done
-                    return
+                    self.completion = line.done  # read on to the end: keeps the connection
                 elif line.error is not None:
                     raise QueryUnavailableError(line.error.reason, code=line.error.code)
         except httpx.HTTPError as exc:
             raise QueryUnavailableError(f"query-service connection failed: {exc!r}") from exc
         finally:
             await self.aclose()
-        raise QueryUnavailableError("query-service ended the stream without completing")
+        if self.completion is None:
+            raise QueryUnavailableError("query-service ended the stream without completing")
 
     async def aclose(self) -> None:
         await self._response.aclose()
