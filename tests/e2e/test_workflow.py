@@ -31,7 +31,8 @@ def _schedule(pacs: LocalSystem, *args: str) -> dict[str, object]:
     result = pacs_cli(pacs, "worklist", "add", "--json", *args)
     assert result.returncode == 0, result.stdout + result.stderr
     stored = json.loads(result.stdout)
-    return stored[0] if isinstance(stored, list) else stored
+    item = stored[0] if isinstance(stored, list) else stored
+    return dict(item)
 
 
 def _worklist(pacs: LocalSystem, accession: str) -> dict[str, object]:
