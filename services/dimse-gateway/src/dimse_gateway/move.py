@@ -56,6 +56,8 @@ from pacs_common.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
 
+_SUB_ASSOCIATION_POLL_SECONDS = 0.0001
+
 OPERATION = "C-MOVE"
 
 
@@ -192,4 +194,8 @@ class MoveHandler:
             logger.warning("C-MOVE: no association with %s at %s:%d", node.ae_title, node.host, node.port)
             return None
         disable_nagle(store_assoc)
+        # pynetdicom's transport thread sleeps 1 ms whenever it finds nothing
+        # to do, which adds up to a millisecond to every C-STORE and its
+        # response; this association lives only while it is kept busy.
+        store_assoc.dul._run_loop_delay = _SUB_ASSOCIATION_POLL_SECONDS
         return store_assoc
