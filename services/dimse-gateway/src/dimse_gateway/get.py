@@ -14,7 +14,6 @@ UID List.
 from __future__ import annotations
 
 import logging
-import time
 
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_GET
@@ -51,21 +50,10 @@ class GetHandler:
         self._metrics = metrics
 
     def __call__(self, assoc: Association, request: C_GET, context: PresentationContext) -> None:
-        started = time.perf_counter()
         responder = RetrieveResponder(assoc, request, context)
-        try:
-            self._get(assoc, request, context, responder)
-        except RetrieveFailedError as exc:
-            logger.warning("C-GET refused: %s", exc.comment)
-            responder.final(exc.status, comment=exc.comment)
-        except Exception:
-            logger.exception("C-GET failed")
-            if responder.final_status is None:
-                responder.final(sending.UNABLE_TO_PROCESS, comment="internal error")
-        finally:
-            status = responder.final_status
-            self._metrics.operations.labels(OPERATION, "none" if status is None else f"0x{status:04X}").inc()
-            self._metrics.retrieve_seconds.labels(OPERATION).observe(time.perf_counter() - started)
+        sending.answer_retrieve(
+            OPERATION, self._metrics, responder, lambda: self._get(assoc, request, context, responder)
+        )
 
     def _get(
         self, assoc: Association, request: C_GET, context: PresentationContext, responder: RetrieveResponder

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -100,21 +99,10 @@ class MoveHandler:
         self._ssl_context_factory = ssl_context_factory
 
     def __call__(self, assoc: Association, request: C_MOVE, context: PresentationContext) -> None:
-        started = time.perf_counter()
         responder = RetrieveResponder(assoc, request, context)
-        try:
-            self._move(assoc, request, context, responder)
-        except RetrieveFailedError as exc:
-            logger.warning("C-MOVE refused: %s", exc.comment)
-            responder.final(exc.status, comment=exc.comment)
-        except Exception:
-            logger.exception("C-MOVE failed")
-            if responder.final_status is None:
-                responder.final(sending.UNABLE_TO_PROCESS, comment="internal error")
-        finally:
-            status = responder.final_status
-            self._metrics.operations.labels(OPERATION, "none" if status is None else f"0x{status:04X}").inc()
-            self._metrics.retrieve_seconds.labels(OPERATION).observe(time.perf_counter() - started)
+        sending.answer_retrieve(
+            OPERATION, self._metrics, responder, lambda: self._move(assoc, request, context, responder)
+        )
 
     def _move(
         self, assoc: Association, request: C_MOVE, context: PresentationContext, responder: RetrieveResponder

@@ -36,6 +36,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -515,3 +516,24 @@ class RetrieveResponder:
         if encoded is None:
             raise ValueError("could not encode the response identifier")
         return encoded
+
+
+def answer_retrieve(
+    operation: str, metrics: GatewayMetrics, responder: RetrieveResponder, work: Callable[[], None]
+) -> None:
+    """Run one C-MOVE / C-GET: a refusal (:class:`RetrieveFailedError`) or a
+    crash in ``work`` becomes the final response, and the outcome is counted."""
+    started = time.perf_counter()
+    try:
+        work()
+    except RetrieveFailedError as exc:
+        logger.warning("%s refused: %s", operation, exc.comment)
+        responder.final(exc.status, comment=exc.comment)
+    except Exception:
+        logger.exception("%s failed", operation)
+        if responder.final_status is None:
+            responder.final(UNABLE_TO_PROCESS, comment="internal error")
+    finally:
+        status = responder.final_status
+        metrics.operations.labels(operation, "none" if status is None else f"0x{status:04X}").inc()
+        metrics.retrieve_seconds.labels(operation).observe(time.perf_counter() - started)

@@ -10,14 +10,10 @@ connections close.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
-import threading
 import warnings
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final, TypeVar
+from typing import Final
 
 import asyncpg
 from prometheus_client import CollectorRegistry
@@ -30,6 +26,7 @@ from pacs_common.db.pool import create_pool
 from pacs_common.messaging.broker import Broker
 from pacs_common.messaging.consumer import IngestConsumer
 from pacs_common.settings import BrokerSettings, DatabaseSettings, TelemetrySettings, WorkerSettings
+from pacs_common.startup import install_stop_signals, until_connected
 from pacs_common.storage import StorageRegistry
 from pacs_common.telemetry import configure_logging, configure_tracing, create_observability_app, serve_http
 
@@ -39,10 +36,8 @@ SERVICE: Final = "ingest-worker"
 #: Storage tiers the worker reads from (ingest writes to the hot tier).
 TIERS: Final = ("hot",)
 _SHUTDOWN_GRACE_SECONDS = 60.0
-_CONNECT_BACKOFF_MAX = 10.0
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @dataclass
@@ -56,33 +51,6 @@ class WorkerServices:
     # The port the HTTP endpoints listen on (the one asked for, or the one
     # the system chose for port 0).
     http_port: int | None = None
-
-
-async def _until_connected(what: str, connect: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T | None:
-    """Connect, retrying with backoff: a worker started before its database
-    or broker waits for them (not ready meanwhile) instead of crash-looping."""
-    delay = 0.5
-    while not stop.is_set():
-        try:
-            return await connect()
-        except Exception as exc:
-            logger.warning("%s unavailable, retrying in %.1fs: %s", what, delay, exc)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), delay)
-        delay = min(delay * 2, _CONNECT_BACKOFF_MAX)
-    return None
-
-
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def _install_signal_handlers(stop: asyncio.Event) -> None:
-    if threading.current_thread() is not threading.main_thread():
-        return
-    loop = asyncio.get_running_loop()
-    for signum in _SIGNALS:
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signum, stop.set)
 
 
 async def run(
@@ -100,7 +68,7 @@ async def run(
     stop = stop or asyncio.Event()
     services = services or WorkerServices()
     if handle_signals:
-        _install_signal_handlers(stop)
+        install_stop_signals(stop)
     metrics = WorkerMetrics(services.registry)
 
     async def database_ready() -> bool:
@@ -119,10 +87,10 @@ async def run(
     services.http_port = int(server.servers[0].sockets[0].getsockname()[1])
     owned_storage: StorageRegistry | None = None
     try:
-        services.pool = await _until_connected(
+        services.pool = await until_connected(
             "database", lambda: create_pool(database_settings, application_name=SERVICE), stop
         )
-        services.broker = await _until_connected("broker", lambda: Broker.connect(broker_settings), stop)
+        services.broker = await until_connected("broker", lambda: Broker.connect(broker_settings), stop)
         if services.pool is None or services.broker is None:
             return
         if storage is None:

@@ -23,7 +23,7 @@ from query_service.metadata_match import metadata_matches
 from query_service.plan import QueryPlan
 from query_service.returns import build_match
 
-__all__ = ["PLANNER_SETTINGS", "QueryOutcome", "stream_matches"]
+__all__ = ["PLANNER_SETTINGS", "QueryOutcome", "fetch_rows", "stream_matches"]
 
 #: Set in each query's transaction.  Custom plans: see above.  The index is
 #: expected in memory (or on SSD): random reads cost little more than
@@ -46,9 +46,12 @@ class QueryOutcome:
         )
 
 
-async def _rows(
+async def fetch_rows(
     pool: asyncpg.Pool, sql: str, params: list[Any], fetch_size: int
 ) -> AsyncGenerator[asyncpg.Record, None]:
+    """The rows of ``sql``, read ``fetch_size`` at a time from a cursor in a
+    read-only transaction with :data:`PLANNER_SETTINGS`; closing the
+    generator ends the transaction."""
     async with pool.acquire() as connection, connection.transaction(readonly=True):
         await connection.execute(PLANNER_SETTINGS)
         cursor = await connection.cursor(sql, *params)
@@ -66,7 +69,7 @@ async def stream_matches(
     """The matches of ``plan``; ``outcome`` holds the count once exhausted."""
     outcome.cap = plan.cap
     skip = 0 if plan.paged_in_sql else plan.offset
-    rows = _rows(pool, plan.sql, plan.params, fetch_size)
+    rows = fetch_rows(pool, plan.sql, plan.params, fetch_size)
     try:
         async for row in rows:
             if plan.python_filters and not metadata_matches(

@@ -9,48 +9,20 @@ waits for it); the HTTP server starts once the pool exists.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
-import threading
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 import asyncpg
 from prometheus_client import CollectorRegistry
 
 from pacs_common.db.pool import create_pool
 from pacs_common.settings import DatabaseSettings, QuerySettings, TelemetrySettings
+from pacs_common.startup import install_stop_signals, until_connected
 from pacs_common.telemetry import configure_logging, configure_tracing, serve_http
 from query_service.app import SERVICE, create_app
 
 __all__ = ["main", "run"]
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
-_CONNECT_BACKOFF_MAX = 10.0
-
-
-async def _until_connected(what: str, connect: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T | None:
-    delay = 0.5
-    while not stop.is_set():
-        try:
-            return await connect()
-        except Exception as exc:
-            logger.warning("%s unavailable, retrying in %.1fs: %s", what, delay, exc)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), delay)
-        delay = min(delay * 2, _CONNECT_BACKOFF_MAX)
-    return None
-
-
-def _install_signal_handlers(stop: asyncio.Event) -> None:
-    if threading.current_thread() is not threading.main_thread():
-        return
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signum, stop.set)
 
 
 async def run(
@@ -64,8 +36,8 @@ async def run(
     """Serve until ``stop`` is set (or SIGTERM/SIGINT with ``handle_signals``)."""
     stop = stop or asyncio.Event()
     if handle_signals:
-        _install_signal_handlers(stop)
-    pool: asyncpg.Pool | None = await _until_connected(
+        install_stop_signals(stop)
+    pool: asyncpg.Pool | None = await until_connected(
         "database", lambda: create_pool(database_settings, application_name=SERVICE), stop
     )
     if pool is None:

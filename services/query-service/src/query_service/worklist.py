@@ -16,7 +16,7 @@ none).  Values are Unicode; the gateway picks the response character set.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -28,6 +28,7 @@ from pacs_common.query.client import WORKLIST_PATH
 from pacs_common.query.models import QueryCompletion, QueryFailure, WorklistQueryRequest
 from pacs_common.settings import QuerySettings
 from query_service.attributes import vr_of
+from query_service.engine import fetch_rows
 from query_service.identifier import SPECIFIC_CHARACTER_SET, Key, parse_identifier
 from query_service.matching import (
     InvalidKeyError,
@@ -220,25 +221,11 @@ def _first_item(element: dict[str, Any]) -> dict[str, Any]:
     return values[0] if values and isinstance(values[0], dict) else {}
 
 
-async def _rows(
-    pool: asyncpg.Pool, plan: WorklistPlan, fetch_size: int
-) -> AsyncGenerator[asyncpg.Record, None]:
-    async with pool.acquire() as connection, connection.transaction(readonly=True):
-        await connection.execute("SET LOCAL plan_cache_mode = force_custom_plan")
-        cursor = await connection.cursor(plan.sql, *plan.params)
-        while True:
-            rows = await cursor.fetch(fetch_size)
-            for row in rows:
-                yield row
-            if len(rows) < fetch_size:
-                return
-
-
 async def stream_worklist(
     pool: asyncpg.Pool, plan: WorklistPlan, fetch_size: int
 ) -> AsyncIterator[dict[str, Any]]:
     skip = plan.offset
-    rows = _rows(pool, plan, fetch_size)
+    rows = fetch_rows(pool, plan.sql, plan.params, fetch_size)
     try:
         async for row in rows:
             attributes: dict[str, Any] = row["attributes"] or {}

@@ -88,9 +88,10 @@ class ServiceKind:
 GATEWAY = ServiceKind("gateway", "dimse-gateway", "dimse_gateway", "PACS_GATEWAY_HTTP_PORT")
 WORKER = ServiceKind("worker", "ingest-worker", "ingest_worker", "PACS_WORKER_HTTP_PORT")
 QUERY = ServiceKind("query", "query-service", "query_service", "PACS_QUERY_HTTP_PORT")
-# Gateways first: on the way down they stop taking work before workers go;
-# the query-service last, since gateways query it until they stop.
-SERVICE_KINDS: tuple[ServiceKind, ...] = (GATEWAY, WORKER, QUERY)
+DICOMWEB = ServiceKind("dicomweb", "dicomweb-api", "dicomweb_api", "PACS_DICOMWEB_HTTP_PORT")
+# Front doors first: on the way down they stop taking work before workers go;
+# the query-service last, since the front doors query it until they stop.
+SERVICE_KINDS: tuple[ServiceKind, ...] = (GATEWAY, DICOMWEB, WORKER, QUERY)
 
 
 @dataclass
@@ -215,6 +216,7 @@ class LocalSystem:
         gateways: int = 1,
         workers: int = 1,
         query_services: int = 1,
+        dicomweb_services: int = 1,
         database_url: str | None = None,
         broker_url: str | None = None,
         namespace: str | None = None,
@@ -230,13 +232,18 @@ class LocalSystem:
         stop_grace: float = DEFAULT_STOP_GRACE_SECONDS,
         out: TextIO | None = sys.stdout,
     ) -> None:
-        if gateways < 0 or workers < 0 or query_services < 0:
-            raise ValueError("gateways, workers and query_services must be >= 0")
+        if min(gateways, workers, query_services, dicomweb_services) < 0:
+            raise ValueError("service counts must be >= 0")
         self.project_dir = Path(project_dir or Path.cwd()).absolute()
         self.pacs_dir = self.project_dir / ".pacs"
         self.infra_dir = self.pacs_dir / "infra"
         self.log_dir = self.pacs_dir / "logs"
-        self.counts = {GATEWAY.key: gateways, WORKER.key: workers, QUERY.key: query_services}
+        self.counts = {
+            GATEWAY.key: gateways,
+            WORKER.key: workers,
+            QUERY.key: query_services,
+            DICOMWEB.key: dicomweb_services,
+        }
         self._database_url_arg = database_url
         self._broker_url_arg = broker_url
         environ = os.environ
@@ -296,6 +303,10 @@ class LocalSystem:
     @property
     def query_services(self) -> list[ServiceProcess]:
         return [s for s in self.services if s.kind is QUERY]
+
+    @property
+    def dicomweb_services(self) -> list[ServiceProcess]:
+        return [s for s in self.services if s.kind is DICOMWEB]
 
     def start(self) -> None:
         """Bring everything up and wait until every service is ready.  On any
@@ -535,6 +546,7 @@ class LocalSystem:
             "PACS_GATEWAY_HTTP_HOST": LOCALHOST,
             "PACS_WORKER_HTTP_HOST": LOCALHOST,
             "PACS_QUERY_HTTP_HOST": LOCALHOST,
+            "PACS_DICOMWEB_HTTP_HOST": LOCALHOST,
         }
         for key, value in defaults.items():
             env.setdefault(key, value)
@@ -551,6 +563,7 @@ class LocalSystem:
         if data_dir is not None:
             env["PACS_STORAGE_HOT_PATH"] = str(data_dir / "hot")
             env["PACS_GATEWAY_SPOOL_DIR"] = str(data_dir / "spool")
+            env["PACS_DICOMWEB_SPOOL_DIR"] = str(data_dir / "spool")
         env.update(self.extra_env)
         return env
 
@@ -574,11 +587,12 @@ class LocalSystem:
                 }
                 log_path = self.log_dir / f"{name}.log"
                 services.append(ServiceProcess(kind, index, http_port, log_path, env))
-        # Gateways reach the (first) query-service unless told otherwise.
+        # Gateways and dicomweb-api reach the (first) query-service unless told otherwise.
         query = next((s for s in services if s.kind is QUERY), None)
-        if query is not None and "PACS_GATEWAY_QUERY_URL" not in self.extra_env:
-            for service in services:
-                service.env["PACS_GATEWAY_QUERY_URL"] = query.base_url
+        for variable in ("PACS_GATEWAY_QUERY_URL", "PACS_DICOMWEB_QUERY_URL"):
+            if query is not None and variable not in self.extra_env:
+                for service in services:
+                    service.env[variable] = query.base_url
         return services
 
     def _check_ports(self) -> None:

@@ -36,8 +36,14 @@ def create_observability_app(
     service: str,
     readiness: Mapping[str, ReadinessCheck],
     registry: CollectorRegistry,
+    *,
+    docs: bool = False,
 ) -> FastAPI:
-    app = FastAPI(title=f"pacs {service}", docs_url=None, redoc_url=None, openapi_url=None)
+    """``docs``: serve the OpenAPI description (``/openapi.json``, ``/docs``)."""
+    if docs:
+        app = FastAPI(title=f"pacs {service}", redoc_url=None)
+    else:
+        app = FastAPI(title=f"pacs {service}", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/health/live")
     async def live() -> dict[str, str]:
