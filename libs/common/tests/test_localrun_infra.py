@@ -276,7 +276,14 @@ def test_local_system_runs_and_stops(tmp_path: Path, fresh_database_url: str) ->
         state = load_state(tmp_path)
         assert state is not None
         names = [s["name"] for s in state["services"]]
-        assert names == ["gateway-0", "gateway-1", *(["worker-0"] if workers else [])]
+        # Front doors first, the query-service they all use last.
+        assert names == [
+            "gateway-0",
+            "gateway-1",
+            "dicomweb-0",
+            *(["worker-0"] if workers else []),
+            "query-0",
+        ]
 
         # What the fault tests do: SIGKILL a process, start it again.
         victim = system.workers[0] if workers else system.gateways[1]

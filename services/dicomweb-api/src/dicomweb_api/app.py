@@ -2,7 +2,7 @@
 management REST API under ``/api/v1`` (OpenAPI at ``/docs``), health and
 metrics.
 
-``create_app(context, authenticator, registry)`` builds it from what
+``create_app(context, authenticator, registry, audit)`` builds it from what
 ``main`` (or a test) hands in; nothing is global.
 """
 
@@ -18,6 +18,8 @@ from dicomweb_api import delete, qido, rendered, stow, wado
 from dicomweb_api.api import routes as api_routes
 from dicomweb_api.context import ApiContext
 from dicomweb_api.security import Authenticator
+from dicomweb_api.security.audit import AuditLog
+from dicomweb_api.security.routes import create_security_router
 from pacs_common.telemetry import create_observability_app
 
 __all__ = ["DICOMWEB_PREFIX", "SERVICE", "create_app"]
@@ -27,7 +29,12 @@ DICOMWEB_PREFIX: Final = "/dicom-web"
 API_PREFIX: Final = "/api/v1"
 
 
-def create_app(context: ApiContext, authenticator: Authenticator, registry: CollectorRegistry) -> FastAPI:
+def create_app(
+    context: ApiContext,
+    authenticator: Authenticator,
+    registry: CollectorRegistry,
+    audit: AuditLog | None = None,
+) -> FastAPI:
     async def database_ready() -> bool:
         async with context.pool.acquire() as connection:
             await connection.fetchval("SELECT 1")
@@ -37,9 +44,11 @@ def create_app(context: ApiContext, authenticator: Authenticator, registry: Coll
     app.title = "PACS DICOMweb and management API"
     app.state.context = context
     app.state.authenticator = authenticator
+    app.state.audit = audit
     for module in (qido, wado, rendered, stow, delete):
         app.include_router(module.create_router(), prefix=DICOMWEB_PREFIX)
     app.include_router(api_routes.create_router(), prefix=API_PREFIX)
+    app.include_router(create_security_router(), prefix=API_PREFIX)
     settings = context.settings
     if settings.cors_allowed_origins:
         app.add_middleware(

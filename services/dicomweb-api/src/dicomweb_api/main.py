@@ -1,0 +1,75 @@
+"""The dicomweb-api process: settings → pool, storage, broker, query client →
+app → serve until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+from prometheus_client import CollectorRegistry
+
+from dicomweb_api.app import SERVICE, create_app
+from dicomweb_api.context import ApiContext
+from dicomweb_api.security.audit import AuditLog
+from dicomweb_api.security.authentication import build_authenticator
+from dicomweb_api.security.settings import AuthSettings
+from dicomweb_api.settings import DicomwebSettings
+from pacs_common.db.pool import create_pool
+from pacs_common.messaging.blocking import BlockingPublisher
+from pacs_common.query import AsyncQueryClient
+from pacs_common.receiving import InstanceReceiver
+from pacs_common.settings import BrokerSettings, DatabaseSettings, TelemetrySettings
+from pacs_common.startup import install_stop_signals, until_connected
+from pacs_common.storage import StorageRegistry
+from pacs_common.telemetry import configure_logging, configure_tracing, serve_http
+
+__all__ = ["main", "run"]
+
+HOT_TIER = "hot"
+logger = logging.getLogger(__name__)
+
+
+async def run(
+    settings: DicomwebSettings, database_settings: DatabaseSettings, broker_settings: BrokerSettings
+) -> None:
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    pool: asyncpg.Pool | None = await until_connected(
+        "database", lambda: create_pool(database_settings, application_name=SERVICE), stop
+    )
+    if pool is None:
+        return
+    storage = StorageRegistry.from_settings((HOT_TIER,))
+    publisher = BlockingPublisher(broker_settings)
+    query = AsyncQueryClient(settings.query_url, timeout_seconds=settings.query_timeout_seconds)
+    try:
+        await asyncio.to_thread(publisher.start)
+        settings.spool_dir.mkdir(parents=True, exist_ok=True)
+        receiver = InstanceReceiver(storage.get(HOT_TIER), HOT_TIER, publisher.publish_ingest)
+        context = ApiContext(settings=settings, pool=pool, query=query, storage=storage, receiver=receiver)
+        auth_settings = AuthSettings()
+        audit = AuditLog(pool, auth_settings)
+        authenticator = await build_authenticator(pool, auth_settings, audit)
+        app = create_app(context, authenticator, CollectorRegistry(), audit)
+        server = await serve_http(app, settings.http_host, settings.http_port)
+        logger.info("dicomweb-api listening", extra={"port": settings.http_port})
+        try:
+            await stop.wait()
+        finally:
+            server.should_exit = True
+            await asyncio.sleep(0)
+            await audit.aclose()
+    finally:
+        await query.aclose()
+        await asyncio.to_thread(publisher.stop)
+        storage.close()
+        await pool.close()
+        logger.info("dicomweb-api stopped")
+
+
+def main() -> None:
+    telemetry = TelemetrySettings()
+    configure_logging(telemetry, SERVICE)
+    configure_tracing(telemetry, SERVICE)
+    asyncio.run(run(DicomwebSettings(), DatabaseSettings(), BrokerSettings()))
