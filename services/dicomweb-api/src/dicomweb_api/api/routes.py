@@ -1,9 +1,15 @@
-"""(being built) — routes are added by the issue-4 work."""
+"""The management REST API (mounted under ``/api/v1``): one router per
+resource, each route declaring the permission it needs."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
+from dicomweb_api.api import archive, deletion, nodes, system, worklist
+
 
 def create_router() -> APIRouter:
-    return APIRouter()
+    router = APIRouter()
+    for module in (system, archive, deletion, nodes, worklist):
+        router.include_router(module.create_router())
+    return router
