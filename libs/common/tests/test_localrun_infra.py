@@ -308,7 +308,7 @@ def test_local_system_runs_and_stops(tmp_path: Path, fresh_database_url: str) ->
     finally:
         system.stop()
         run_sync(lambda: delete_namespace(SHARED_AMQP, namespace))
-    assert len(pids) == 2 + workers
+    assert len(pids) == len(names)
     assert [pid for pid in pids if pid_alive(pid)] == []
     assert load_state(tmp_path) is None
     assert not (tmp_path / ".pacs" / "run" / "state.json").exists()
