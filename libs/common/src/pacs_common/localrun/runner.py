@@ -56,6 +56,7 @@ T = TypeVar("T")
 
 DEFAULT_DICOM_PORT = 11112
 DEFAULT_HTTP_PORT_BASE = 8081
+DEFAULT_DICOMWEB_PORT = 8080
 # The gateway lets open associations finish for up to 30 s on SIGTERM.
 DEFAULT_STOP_GRACE_SECONDS = 40.0
 DEFAULT_READY_TIMEOUT_SECONDS = 90.0
@@ -203,7 +204,9 @@ class LocalSystem:
 
     Ports: every gateway listens on ``gateway_port`` (SO_REUSEPORT); each
     process gets its own health/metrics port, counting up from
-    ``http_port_base`` (gateways first, then workers); 0 picks free ports.
+    ``http_port_base`` in :data:`SERVICE_KINDS` order, except the
+    dicomweb-api, which listens on ``PACS_DICOMWEB_HTTP_PORT`` (8080); with
+    ``http_port_base`` 0 every port is a free one.
     ``env`` is empty until :meth:`start`.  Environment precedence for the
     services: ``extra_env`` > constructor arguments > the caller's
     environment > the runner's defaults.
@@ -259,6 +262,7 @@ class LocalSystem:
             else _env_int("PACS_GATEWAY_HTTP_PORT", DEFAULT_HTTP_PORT_BASE)
         )
         self._http_port_base = base
+        self._dicomweb_port = _env_int("PACS_DICOMWEB_HTTP_PORT", DEFAULT_DICOMWEB_PORT)
         self.extra_env = dict(extra_env or {})
         self.throwaway_infra = throwaway_infra
         # A fallback server for `pacs run` keeps its data (the index must match
@@ -432,6 +436,11 @@ class LocalSystem:
             f" ({n_gateways} gateway process{'es' if n_gateways != 1 else ''})",
             f"            try: echoscu -aec {self.ae_title} {shown_host} {self.gateway_port}",
         ]
+        for web in self.dicomweb_services[:1]:
+            lines += [
+                f"  DICOMweb  {web.base_url}/dicom-web   REST {web.base_url}/api/v1   docs {web.base_url}/docs",
+                "            needs a token: python -m dicomweb_api.security.cli --help",
+            ]
         for service in self.services:
             lines.append(
                 f"  {service.name:<9} pid {service.pid}  {service.ready_url}  "
@@ -576,9 +585,13 @@ class LocalSystem:
                 self._say(f"{kind.label}: not installed (no module {kind.module}); skipped")
                 continue
             for index in range(count):
-                http_port = port or find_free_port()
-                if port:
-                    port += 1
+                if kind is DICOMWEB and port:
+                    # The HTTP API users and viewers reach: its own well-known port.
+                    http_port = self._dicomweb_port + index
+                else:
+                    http_port = port or find_free_port()
+                    if port:
+                        port += 1
                 name = f"{kind.key}-{index}"
                 env = {
                     **self._env,
