@@ -1,303 +1,260 @@
-"""The audit trail: PostgreSQL rows, RFC 5424 syslog (real UDP and TCP
-servers) carrying DICOM audit XML, and FHIR AuditEvent resources."""
+"""Every DICOMweb and REST access to PHI leaves one audit event, written
+once the request's outcome is known: QIDO-RS (Query), WADO-RS incl. metadata,
+frames and rendered (Instances Accessed), STOW-RS (Instances Transferred,
+one event listing the studies), DELETE (Study Deleted), the management
+API's archive reads and deletes.  Real PostgreSQL, the real app."""
 
 from __future__ import annotations
 
-import asyncio
-import re
-import socket
-from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime, timedelta
-from xml.etree import ElementTree
+from collections.abc import AsyncIterator
 
 import asyncpg
+import httpx
 import pytest
-from fastapi import Request
+import pytest_asyncio
+from fastapi import FastAPI, Request
+from prometheus_client import CollectorRegistry
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from dicomweb_api.app import create_app
+from dicomweb_api.context import ApiContext
 from dicomweb_api.security import Principal, Role
-from dicomweb_api.security.audit import (
-    AuditAction,
-    AuditEventId,
-    AuditLog,
-    AuditObject,
-    AuditOutcome,
-    AuditQuery,
-    fhir_bundle,
-)
-from dicomweb_api.security.settings import AuthSettings
+from dicomweb_api.security.audit import http_actor, query_objects
+from dicomweb_api.testing import HeaderAuthenticator, Store, StoredInstance, part10_bytes
+from pacs_common.audit import AuditEvent, AuditLog, AuditOutcome, AuditQuery, AuditSettings
 
-ALICE = Principal(subject="alice", roles=frozenset({Role.RADIOLOGIST}), method="oidc")
-STUDY = "1.2.840.113619.2.55.3.1"
-OBJECTS = [
-    AuditObject(type="patient", id="PID-7", name="Doe^Jane"),
-    AuditObject(type="study", id=STUDY),
-]
-SYSLOG_HEADER = re.compile(
-    r"^<(?P<pri>\d+)>1 (?P<time>\S+) (?P<host>\S+) (?P<app>\S+) (?P<pid>\d+) IHE\+RFC-3881 - \ufeff(?P<xml>.*)$",
-    re.DOTALL,
-)
+PATIENT = "AUD-1"
+STUDY = "1.2.826.0.1.3680043.8.498.4401"
+SERIES = f"{STUDY}.1"
+BOUNDARY = "audit-test-boundary"
+
+
+def _instance(study: str = STUDY, series: str = SERIES, sop: str | None = None) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop or generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.PatientID = PATIENT
+    ds.PatientName = "Audit^Alice"
+    ds.Modality = "CT"
+    ds.StudyDate = "20240101"
+    return ds
 
 
 @pytest.fixture
-def udp_server() -> Iterator[socket.socket]:
-    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    server.bind(("127.0.0.1", 0))
-    server.setblocking(False)
-    try:
-        yield server
-    finally:
-        server.close()
+def dicomweb_app(api_context: ApiContext, db_pool: asyncpg.Pool) -> FastAPI:
+    """The app with an audit log (the shared fixture runs without one)."""
+    return create_app(
+        api_context, HeaderAuthenticator(), CollectorRegistry(), AuditLog(db_pool, AuditSettings())
+    )
 
 
-async def _receive(server: socket.socket) -> str:
-    loop = asyncio.get_running_loop()
-    data = await asyncio.wait_for(loop.sock_recv(server, 65535), 5)
-    return data.decode()
+@pytest_asyncio.fixture(loop_scope="session")
+async def client(dicomweb_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=dicomweb_app, client=("10.9.8.7", 40000))
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://testserver", headers={"x-test-roles": "radiologist"}
+    ) as http:
+        yield http
 
 
-def _parse(message: str) -> tuple[re.Match[str], ElementTree.Element]:
-    match = SYSLOG_HEADER.match(message)
-    assert match is not None, message
-    return match, ElementTree.fromstring(match["xml"])
+@pytest.fixture
+async def stored(store: Store) -> list[StoredInstance]:
+    return await store([_instance(), _instance()])
 
 
-def _request(client: str = "10.1.2.3") -> Request:
+async def _events(db_pool: asyncpg.Pool, **filters: str) -> list[AuditEvent]:
+    return await AuditLog(db_pool, AuditSettings()).query(AuditQuery.model_validate(filters))
+
+
+async def _only(db_pool: asyncpg.Pool, event_id: str) -> AuditEvent:
+    [event] = await _events(db_pool, event_id=event_id)
+    return event
+
+
+async def test_qido_search_is_a_query_naming_the_patient_and_study(
+    client: httpx.AsyncClient, db_pool: asyncpg.Pool, stored: list[StoredInstance]
+) -> None:
+    response = await client.get(f"/dicom-web/studies/{STUDY}/series", params={"PatientID": PATIENT})
+    assert response.status_code == 200, response.text
+    event = await _only(db_pool, "110112")
+    assert (event.actor, event.actor_method, event.actor_roles) == ("tester", "token", ["radiologist"])
+    assert event.action == "E" and event.outcome == AuditOutcome.SUCCESS
+    assert event.source_address == "10.9.8.7"
+    assert event.patient_id == PATIENT and event.study_uids == [STUDY]
+    query = next(o for o in event.objects if o.type == "query")
+    assert query.query is not None and f"PatientID={PATIENT}" in query.query
+    # A search naming nobody is still audited, without patient or study.
+    assert (await client.get("/dicom-web/studies", params={"PatientName": "Audit*"})).status_code == 200
+    newest = (await _events(db_pool, event_id="110112"))[0]
+    assert newest.patient_id is None and newest.study_uids == []
+
+
+async def test_wado_retrievals_are_instances_accessed(
+    client: httpx.AsyncClient, db_pool: asyncpg.Pool, stored: list[StoredInstance]
+) -> None:
+    first = stored[0]
+    paths = [
+        f"/dicom-web/studies/{STUDY}",
+        f"/dicom-web/studies/{STUDY}/metadata",
+        f"/dicom-web/studies/{STUDY}/series/{SERIES}/instances/{first.sop_instance_uid}",
+    ]
+    for path in paths:
+        response = await client.get(path, headers={"accept": "*/*"} if "metadata" not in path else {})
+        assert response.status_code == 200, (path, response.text)
+    events = await _events(db_pool, event_id="110103")
+    assert [e.details["path"] for e in reversed(events)] == paths
+    for event in events:
+        assert (event.actor, event.action, event.outcome) == ("tester", "R", AuditOutcome.SUCCESS)
+        assert event.study_uids == [STUDY] and event.patient_id == PATIENT  # the patient from the index
+    assert events[0].details["instance"] == first.sop_instance_uid
+
+
+async def test_a_refused_retrieval_is_audited_as_a_failure(
+    client: httpx.AsyncClient, db_pool: asyncpg.Pool
+) -> None:
+    missing = "1.2.3.404"
+    assert (await client.get(f"/dicom-web/studies/{missing}/metadata")).status_code == 404
+    event = await _only(db_pool, "110103")
+    assert event.outcome == AuditOutcome.MINOR_FAILURE and event.details["status"] == 404
+    assert event.study_uids == [missing] and event.patient_id is None
+
+
+async def test_rendered_and_frames_are_audited(
+    client: httpx.AsyncClient, db_pool: asyncpg.Pool, stored: list[StoredInstance]
+) -> None:
+    sop = stored[0].sop_instance_uid
+    base = f"/dicom-web/studies/{STUDY}/series/{SERIES}/instances/{sop}"
+    await client.get(f"{base}/rendered")
+    await client.get(f"{base}/frames/1")
+    events = await _events(db_pool, event_id="110103")
+    assert [e.details["path"] for e in reversed(events)] == [f"{base}/rendered", f"{base}/frames/1"]
+    assert all(e.study_uids == [STUDY] and e.details["instance"] == sop for e in events)
+
+
+async def _multipart(*objects: bytes) -> AsyncIterator[bytes]:
+    for data in objects:
+        yield f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n"
+    yield f"--{BOUNDARY}--\r\n".encode()
+
+
+async def test_stow_is_one_event_listing_the_studies(
+    client: httpx.AsyncClient, db_pool: asyncpg.Pool
+) -> None:
+    other = "1.2.826.0.1.3680043.8.498.4402"
+    objects = [
+        part10_bytes(_instance()),
+        part10_bytes(_instance()),
+        part10_bytes(_instance(other, f"{other}.1")),
+    ]
+    response = await client.post(
+        "/dicom-web/studies",
+        content=_multipart(*objects),
+        headers={
+            "content-type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}',
+            "x-test-roles": "technologist",
+        },
+    )
+    assert response.status_code == 200, response.text
+    event = await _only(db_pool, "110104")
+    assert (event.actor, event.action, event.outcome) == ("tester", "C", AuditOutcome.SUCCESS)
+    assert event.actor_roles == ["technologist"]
+    assert event.study_uids == [STUDY, other]
+    assert event.details["stored"] == 3 and event.details["failed"] == 0
+
+
+async def test_stow_of_nothing_storable_is_a_failure(
+    client: httpx.AsyncClient, db_pool: asyncpg.Pool
+) -> None:
+    response = await client.post(
+        "/dicom-web/studies",
+        content=_multipart(b"\x00" * 300),
+        headers={
+            "content-type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}',
+            "x-test-roles": "technologist",
+        },
+    )
+    assert response.status_code == 409
+    event = await _only(db_pool, "110104")
+    assert event.outcome == AuditOutcome.SERIOUS_FAILURE and event.study_uids == []
+
+
+async def test_delete_names_the_patient_it_removed(
+    client: httpx.AsyncClient, db_pool: asyncpg.Pool, stored: list[StoredInstance]
+) -> None:
+    admin = {"x-test-roles": "administrator"}
+    response = await client.delete(f"/dicom-web/studies/{STUDY}", headers=admin)
+    assert response.status_code == 204, response.text
+    event = await _only(db_pool, "110105")
+    assert (event.actor, event.action, event.outcome) == ("tester", "D", AuditOutcome.SUCCESS)
+    assert event.study_uids == [STUDY] and event.patient_id == PATIENT
+    assert event.details["instances"] == 2 and event.details["level"] == "study"
+    assert (await client.delete(f"/dicom-web/studies/{STUDY}", headers=admin)).status_code == 404
+    again = (await _events(db_pool, event_id="110105"))[0]
+    assert again.outcome == AuditOutcome.MINOR_FAILURE and again.study_uids == [STUDY]
+
+
+async def test_rest_archive_reads_and_deletes(
+    client: httpx.AsyncClient, db_pool: asyncpg.Pool, stored: list[StoredInstance]
+) -> None:
+    assert (await client.get("/api/v1/studies", params={"patient_id": PATIENT})).status_code == 200
+    query = await _only(db_pool, "110112")
+    assert query.patient_id == PATIENT and query.details["path"] == "/api/v1/studies"
+    assert (await client.get(f"/api/v1/studies/{STUDY}")).status_code == 200
+    read = await _only(db_pool, "110103")
+    assert read.study_uids == [STUDY] and read.patient_id == PATIENT
+    sop = stored[0].sop_instance_uid
+    response = await client.delete(f"/api/v1/instances/{sop}", headers={"x-test-roles": "administrator"})
+    assert response.status_code == 200, response.text
+    deleted = await _only(db_pool, "110105")
+    assert deleted.study_uids == [STUDY] and deleted.patient_id == PATIENT
+    assert any(o.type == "instance" and o.id == sop for o in deleted.objects)
+
+
+def _request(client: str = "10.1.2.3", query: bytes = b"") -> Request:
     return Request(
         {
             "type": "http",
             "method": "GET",
             "path": "/dicom-web/studies",
-            "headers": [],
-            "query_string": b"",
+            "headers": [(b"host", b"testserver")],
+            "query_string": query,
             "client": (client, 50000),
+            "scheme": "http",
+            "server": ("testserver", 80),
         }
     )
 
 
-async def test_record_stores_the_event(db_pool: asyncpg.Pool) -> None:
-    audit = AuditLog(db_pool, AuthSettings())
-    event = await audit.record(
-        ALICE,
-        AuditEventId.INSTANCES_ACCESSED,
-        AuditAction.READ,
-        AuditOutcome.SUCCESS,
-        objects=OBJECTS,
-        details={"path": "/dicom-web/studies/x", "instances": 3},
-        request=_request(),
+def test_http_actor_from_the_principal_or_the_request() -> None:
+    alice = Principal(subject="alice", roles=frozenset({Role.RADIOLOGIST, Role.VIEWER}), method="oidc")
+    actor = http_actor(alice, _request())
+    assert (actor.name, actor.method, actor.roles, actor.address) == (
+        "alice",
+        "oidc",
+        ("radiologist", "viewer"),
+        "10.1.2.3",
     )
-    assert event.actor == "alice" and event.actor_method == "oidc" and event.actor_roles == ["radiologist"]
-    assert event.source_address == "10.1.2.3"
-    assert event.patient_id == "PID-7" and event.study_uids == [STUDY]
-    assert event.event_name == "DICOM Instances Accessed"
-    [stored] = await audit.query(AuditQuery())
-    assert stored == event
-    assert stored.details == {"path": "/dicom-web/studies/x", "instances": 3}
-    assert stored.objects[0].name == "Doe^Jane"
-
-
-async def test_principal_from_the_request_and_dimse_actor(db_pool: asyncpg.Pool) -> None:
-    audit = AuditLog(db_pool, AuthSettings())
     request = _request()
-    request.state.principal = ALICE
-    event = await audit.record(
-        None, AuditEventId.STUDY_DELETED, AuditAction.DELETE, AuditOutcome.SUCCESS, request=request
-    )
-    assert event.actor == "alice"
-    dimse = await audit.record(
-        None,
-        AuditEventId.INSTANCES_TRANSFERRED,
-        AuditAction.CREATE,
-        AuditOutcome.SUCCESS,
-        objects=OBJECTS,
-        actor="MODALITY1",
-        actor_method="dimse",
-        source_address="192.168.0.9",
-    )
-    assert (dimse.actor, dimse.actor_method, dimse.source_address) == ("MODALITY1", "dimse", "192.168.0.9")
+    request.state.principal = alice
+    assert http_actor(None, request).name == "alice"
+    refused = http_actor(None, _request(), actor="unknown", actor_method="token")
+    assert (refused.name, refused.method, refused.roles) == ("unknown", "token", ())
 
 
-async def test_query_filters_and_paging(db_pool: asyncpg.Pool) -> None:
-    audit = AuditLog(db_pool, AuthSettings())
-    bob = Principal(subject="bob", roles=frozenset({Role.VIEWER}), method="token")
-    for index in range(5):
-        await audit.record(
-            ALICE if index % 2 == 0 else bob,
-            AuditEventId.INSTANCES_ACCESSED,
-            AuditAction.READ,
-            AuditOutcome.SUCCESS,
-            objects=[
-                AuditObject(type="patient", id=f"P{index}"),
-                AuditObject(type="study", id=f"1.2.{index}"),
-            ],
-        )
-    assert [e.actor for e in await audit.query(AuditQuery(actor="alice"))] == ["alice"] * 3
-    assert [e.patient_id for e in await audit.query(AuditQuery(study="1.2.3"))] == ["P3"]
-    assert [e.study_uids for e in await audit.query(AuditQuery(patient="P1"))] == [["1.2.1"]]
-    newest_first = await audit.query(AuditQuery())
-    assert [e.patient_id for e in newest_first] == ["P4", "P3", "P2", "P1", "P0"]
-    page = await audit.query(AuditQuery(limit=2, offset=2))
-    assert [e.patient_id for e in page] == ["P2", "P1"]
-    now = datetime.now(UTC)
-    assert len(await audit.query(AuditQuery(since=now - timedelta(minutes=1), until=now + timedelta(1)))) == 5
-    assert await audit.query(AuditQuery(since=now + timedelta(minutes=1))) == []
-    assert await audit.query(AuditQuery(event_id=AuditEventId.QUERY)) == []
-
-
-async def test_syslog_over_udp_carries_the_dicom_audit_message(
-    db_pool: asyncpg.Pool, udp_server: socket.socket
-) -> None:
-    port = udp_server.getsockname()[1]
-    settings = AuthSettings(
-        audit_syslog_host="127.0.0.1",
-        audit_syslog_port=port,
-        audit_source_id="pacs-test",
-        audit_enterprise_site_id="H1",
-    )
-    audit = AuditLog(db_pool, settings)
-    try:
-        event = await audit.record(
-            ALICE,
-            AuditEventId.INSTANCES_ACCESSED,
-            AuditAction.READ,
-            AuditOutcome.SUCCESS,
-            objects=OBJECTS,
-            request=_request(),
-        )
-        header, xml = _parse(await _receive(udp_server))
-        assert header["pri"] == "85"  # authpriv.notice
-        assert header["app"] == "pacs-test"
-        assert datetime.fromisoformat(header["time"]) == event.time.replace(
-            microsecond=event.time.microsecond // 1000 * 1000
-        )
-        assert xml.tag == "AuditMessage"
-        identification = xml.find("EventIdentification")
-        assert identification is not None
-        assert identification.attrib["EventActionCode"] == "R"
-        assert identification.attrib["EventOutcomeIndicator"] == "0"
-        event_id = identification.find("EventID")
-        assert event_id is not None and event_id.attrib["csd-code"] == "110103"
-        assert event_id.attrib["codeSystemName"] == "DCM"
-        requestor, application = xml.findall("ActiveParticipant")
-        assert requestor.attrib == {
-            "UserID": "alice",
-            "UserIsRequestor": "true",
-            "NetworkAccessPointID": "10.1.2.3",
-            "NetworkAccessPointTypeCode": "2",
-        }
-        assert application.attrib["UserID"] == "pacs-test"
-        source = xml.find("AuditSourceIdentification")
-        assert source is not None and source.attrib == {
-            "AuditSourceID": "pacs-test",
-            "AuditEnterpriseSiteID": "H1",
-        }
-        patient, study = xml.findall("ParticipantObjectIdentification")
-        assert patient.attrib["ParticipantObjectID"] == "PID-7"
-        assert patient.attrib["ParticipantObjectTypeCode"] == "1"
-        assert patient.findtext("ParticipantObjectName") == "Doe^Jane"
-        assert study.attrib["ParticipantObjectID"] == STUDY
-        id_type = study.find("ParticipantObjectIDTypeCode")
-        assert id_type is not None and id_type.attrib["csd-code"] == "110180"
-
-        await audit.record(
-            ALICE, AuditEventId.STUDY_DELETED, AuditAction.DELETE, AuditOutcome.SERIOUS_FAILURE
-        )
-        header, xml = _parse(await _receive(udp_server))
-        assert header["pri"] == "84"  # authpriv.warning for a failure
-    finally:
-        await audit.aclose()
-
-
-@pytest.fixture
-async def tcp_server() -> AsyncIterator[tuple[int, asyncio.Queue[bytes]]]:
-    received: asyncio.Queue[bytes] = asyncio.Queue()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                length = int((await reader.readuntil(b" "))[:-1])
-                await received.put(await reader.readexactly(length))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1], received
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
-async def test_syslog_over_tcp_with_octet_counting(
-    db_pool: asyncpg.Pool, tcp_server: tuple[int, asyncio.Queue[bytes]]
-) -> None:
-    port, received = tcp_server
-    settings = AuthSettings(
-        audit_syslog_host="127.0.0.1", audit_syslog_port=port, audit_syslog_protocol="tcp"
-    )
-    audit = AuditLog(db_pool, settings)
-    try:
-        for patient in ("A", "B"):
-            await audit.record(
-                ALICE,
-                AuditEventId.QUERY,
-                AuditAction.EXECUTE,
-                AuditOutcome.SUCCESS,
-                objects=[
-                    AuditObject(type="patient", id=patient),
-                    AuditObject(type="query", id="1.2.3", query="x"),
-                ],
-            )
-        for patient in ("A", "B"):
-            _, xml = _parse((await asyncio.wait_for(received.get(), 5)).decode())
-            ids = [p.attrib["ParticipantObjectID"] for p in xml.findall("ParticipantObjectIdentification")]
-            assert ids == [patient, "1.2.3"]
-    finally:
-        await audit.aclose()
-
-
-async def test_an_unreachable_syslog_does_not_fail_the_audit(db_pool: asyncpg.Pool) -> None:
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    settings = AuthSettings(
-        audit_syslog_host="127.0.0.1", audit_syslog_port=port, audit_syslog_protocol="tcp"
-    )
-    audit = AuditLog(db_pool, settings)
-    try:
-        await audit.record(ALICE, AuditEventId.QUERY, AuditAction.EXECUTE, AuditOutcome.SUCCESS)
-        assert len(await audit.query(AuditQuery())) == 1
-    finally:
-        await audit.aclose()
-
-
-async def test_fhir_audit_events(db_pool: asyncpg.Pool) -> None:
-    audit = AuditLog(db_pool, AuthSettings(audit_source_id="pacs-test"))
-    event = await audit.record(
-        ALICE,
-        AuditEventId.INSTANCES_ACCESSED,
-        AuditAction.READ,
-        AuditOutcome.SUCCESS,
-        objects=OBJECTS,
-        details={"reason": "review"},
-        request=_request(),
-    )
-    bundle = fhir_bundle([event], "pacs-test")
-    assert bundle["resourceType"] == "Bundle" and bundle["type"] == "searchset" and bundle["total"] == 1
-    resource = bundle["entry"][0]["resource"]
-    assert resource["resourceType"] == "AuditEvent"
-    assert resource["type"] == {
-        "system": "http://dicom.nema.org/resources/ontology/DCM",
-        "code": "110103",
-        "display": "DICOM Instances Accessed",
-    }
-    assert resource["action"] == "R" and resource["outcome"] == "0"
-    assert resource["recorded"].endswith("Z")
-    [agent] = resource["agent"]
-    assert agent["who"]["identifier"]["value"] == "alice" and agent["requestor"] is True
-    assert agent["network"] == {"address": "10.1.2.3", "type": "2"}
-    assert resource["source"]["observer"] == {"display": "pacs-test"}
-    patient, study = resource["entity"]
-    assert patient["what"]["identifier"]["value"] == "PID-7" and patient["type"]["code"] == "1"
-    assert study["what"]["identifier"]["value"] == STUDY and study["role"]["code"] == "3"
+def test_query_objects_name_exact_patients_and_studies_only() -> None:
+    request = _request(query=b"PatientID=P1&StudyInstanceUID=1.2.3,1.2.4&00100020=P*")
+    objects = query_objects(request, path_study="1.2.5")
+    assert [(o.type, o.id) for o in objects[1:]] == [
+        ("patient", "P1"),
+        ("study", "1.2.5"),
+        ("study", "1.2.3"),
+        ("study", "1.2.4"),
+    ]
+    assert objects[0].type == "query" and objects[0].query is not None

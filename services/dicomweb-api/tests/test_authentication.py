@@ -19,11 +19,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import Depends, FastAPI, Request
 
 from dicomweb_api.security import AuthenticationError, Permission, Principal, Role, require
-from dicomweb_api.security.audit import AuditAction, AuditLog, AuditOutcome, AuditQuery
 from dicomweb_api.security.authentication import PacsAuthenticator, build_authenticator, roles_from_claims
 from dicomweb_api.security.settings import AuthSettings
 from dicomweb_api.security.tokens import TokenStore, hash_token
 from dicomweb_api.security.users import UserCreate, UserStore
+from pacs_common.audit import AuditAction, AuditLog, AuditOutcome, AuditQuery, AuditSettings
 
 AUDIENCE = "pacs-api"
 KID = "test-key-1"
@@ -383,7 +383,7 @@ async def test_rotated_keys_are_fetched(db_pool: asyncpg.Pool, issuer: Issuer) -
 
 async def test_refused_credentials_are_audited(db_pool: asyncpg.Pool, issuer: Issuer) -> None:
     settings = AuthSettings(oidc_issuer=issuer.url, oidc_audience=AUDIENCE, anonymous_role="viewer")
-    audit = AuditLog(db_pool, settings)
+    audit = AuditLog(db_pool, AuditSettings())
     authenticator = await build_authenticator(db_pool, settings, audit)
     other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     with pytest.raises(AuthenticationError):

@@ -15,7 +15,6 @@ from fastapi import FastAPI
 
 from dicomweb_api.context import ApiContext
 from dicomweb_api.security import Role
-from dicomweb_api.security.audit import AuditLog
 from dicomweb_api.security.authentication import build_authenticator
 from dicomweb_api.security.cli import run as run_cli
 from dicomweb_api.security.routes import create_security_router
@@ -23,6 +22,7 @@ from dicomweb_api.security.settings import AuthSettings
 from dicomweb_api.security.tokens import TokenStore
 from dicomweb_api.security.users import UserCreate, UserStore
 from dicomweb_api.settings import DicomwebSettings
+from pacs_common.audit import AuditLog, AuditSettings
 from pacs_common.messaging.models import IngestMessage
 from pacs_common.query import AsyncQueryClient
 from pacs_common.receiving import InstanceReceiver
@@ -46,9 +46,9 @@ async def app(db_pool: asyncpg.Pool, tmp_path: Path) -> AsyncIterator[FastAPI]:
         storage=StorageRegistry({}),
         receiver=InstanceReceiver(FilesystemStorage(tmp_path / "hot"), "hot", _refuse),
     )
-    settings = AuthSettings(audit_source_id="pacs-test")
+    settings = AuthSettings()
     app.state.authenticator = await build_authenticator(db_pool, settings)
-    app.state.audit = AuditLog(db_pool, settings)
+    app.state.audit = AuditLog(db_pool, AuditSettings(source_id="pacs-test"))
     app.include_router(create_security_router(), prefix="/api/v1")
     try:
         yield app

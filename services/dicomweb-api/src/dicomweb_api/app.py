@@ -18,8 +18,8 @@ from dicomweb_api import delete, qido, rendered, stow, wado
 from dicomweb_api.api import routes as api_routes
 from dicomweb_api.context import ApiContext
 from dicomweb_api.security import Authenticator
-from dicomweb_api.security.audit import AuditLog
 from dicomweb_api.security.routes import create_security_router
+from pacs_common.audit import AuditLog
 from pacs_common.telemetry import create_observability_app
 
 __all__ = ["DICOMWEB_PREFIX", "SERVICE", "create_app"]

@@ -23,6 +23,7 @@ from fastapi import APIRouter, Depends, HTTPException, Response
 
 from dicomweb_api.context import ApiContext, get_context
 from dicomweb_api.security import Permission, Principal, require
+from dicomweb_api.security.audit import AuditScope, StudyDeleted
 from pacs_common.storage import StorageError, StorageRegistry
 
 __all__ = [
@@ -238,10 +239,14 @@ def delete_objects(storage: StorageRegistry, objects: tuple[ObjectRef, ...]) -> 
 
 
 def record_deletion(
-    principal: Principal, level: Level, uids: dict[str, str], deleted: DeletedObjects
+    audit: AuditScope, principal: Principal, level: Level, uids: dict[str, str], deleted: DeletedObjects
 ) -> None:
-    """The audit point of every DELETE (logs only for now; the audit trail
-    (ATNA / PostgreSQL / syslog) plugs in here)."""
+    """The audit point of every DELETE: logged, and put in the request's audit
+    event ("DICOM Study Deleted", written by the :data:`StudyDeleted`
+    dependency once the request's outcome is known)."""
+    audit.add("series", uids.get("series_instance_uid"))
+    audit.add("instance", uids.get("sop_instance_uid"))
+    audit.details.update(level=level.value, instances=len(deleted.sop_instance_uids), **uids)
     logger.info(
         "deleted %s",
         level.value,
@@ -258,6 +263,7 @@ def record_deletion(
 async def _handle(
     context: ApiContext,
     principal: Principal,
+    audit: AuditScope,
     level: Level,
     study: str,
     *,
@@ -272,7 +278,7 @@ async def _handle(
         uids["series_instance_uid"] = series
     if sop is not None:
         uids["sop_instance_uid"] = sop
-    record_deletion(principal, level, uids, deleted)
+    record_deletion(audit, principal, level, uids, deleted)
     await asyncio.to_thread(delete_objects, context.storage, deleted.objects)
     return Response(status_code=204)
 
@@ -281,21 +287,29 @@ def create_router() -> APIRouter:
     router = APIRouter(tags=["DELETE"])
 
     @router.delete("/studies/{study}", status_code=204, summary="Delete a study")
-    async def delete_study(study: str, context: _ContextDep, principal: _DeleterDep) -> Response:
-        return await _handle(context, principal, Level.STUDY, study)
+    async def delete_study(
+        study: str, context: _ContextDep, principal: _DeleterDep, audit: StudyDeleted
+    ) -> Response:
+        return await _handle(context, principal, audit, Level.STUDY, study)
 
     @router.delete("/studies/{study}/series/{series}", status_code=204, summary="Delete a series")
     async def delete_series(
-        study: str, series: str, context: _ContextDep, principal: _DeleterDep
+        study: str, series: str, context: _ContextDep, principal: _DeleterDep, audit: StudyDeleted
     ) -> Response:
-        return await _handle(context, principal, Level.SERIES, study, series=series)
+        return await _handle(context, principal, audit, Level.SERIES, study, series=series)
 
     @router.delete(
         "/studies/{study}/series/{series}/instances/{instance}", status_code=204, summary="Delete an instance"
     )
     async def delete_instance(
-        study: str, series: str, instance: str, context: _ContextDep, principal: _DeleterDep
+        *,
+        study: str,
+        series: str,
+        instance: str,
+        context: _ContextDep,
+        principal: _DeleterDep,
+        audit: StudyDeleted,
     ) -> Response:
-        return await _handle(context, principal, Level.INSTANCE, study, series=series, sop=instance)
+        return await _handle(context, principal, audit, Level.INSTANCE, study, series=series, sop=instance)
 
     return router

@@ -52,6 +52,7 @@ from dicomweb_api.pixels import (
 )
 from dicomweb_api.ranges import ByteRange, RangeNotSatisfiableError, parse_range
 from dicomweb_api.security import Permission, Principal, require
+from dicomweb_api.security.audit import InstancesAccessed
 from dicomweb_api.stored import find_instance, run_blocking, storage_of
 from pacs_common.dicom.transcode import can_decode
 from pacs_common.storage import ObjectStorage
@@ -194,6 +195,7 @@ def create_router() -> APIRouter:
         request: Request,
         context: Annotated[ApiContext, Depends(get_context)],
         principal: Annotated[Principal, Depends(require(Permission.READ))],
+        audit: InstancesAccessed,
     ) -> Response:
         numbers = parse_frame_list(frame_list)
         stored = await find_instance(
@@ -264,6 +266,7 @@ def create_router() -> APIRouter:
         request: Request,
         context: Annotated[ApiContext, Depends(get_context)],
         principal: Annotated[Principal, Depends(require(Permission.READ))],
+        audit: InstancesAccessed,
     ) -> Response:
         if not _BULK_PATH.match(path):
             raise HTTPException(status_code=404, detail=f"no bulk data at {path!r}")

@@ -11,10 +11,10 @@ from prometheus_client import CollectorRegistry
 
 from dicomweb_api.app import SERVICE, create_app
 from dicomweb_api.context import ApiContext
-from dicomweb_api.security.audit import AuditLog
 from dicomweb_api.security.authentication import build_authenticator
 from dicomweb_api.security.settings import AuthSettings
 from dicomweb_api.settings import DicomwebSettings
+from pacs_common.audit import AuditLog, AuditSettings
 from pacs_common.db.pool import create_pool
 from pacs_common.messaging.blocking import BlockingPublisher
 from pacs_common.query import AsyncQueryClient
@@ -49,7 +49,7 @@ async def run(
         receiver = InstanceReceiver(storage.get(HOT_TIER), HOT_TIER, publisher.publish_ingest)
         context = ApiContext(settings=settings, pool=pool, query=query, storage=storage, receiver=receiver)
         auth_settings = AuthSettings()
-        audit = AuditLog(pool, auth_settings)
+        audit = AuditLog(pool, AuditSettings())
         authenticator = await build_authenticator(pool, auth_settings, audit)
         app = create_app(context, authenticator, CollectorRegistry(), audit)
         server = await serve_http(app, settings.http_host, settings.http_port)

@@ -38,7 +38,9 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from dicomweb_api.accept import DICOM_JSON, accepts
 from dicomweb_api.context import ApiContext, get_context
 from dicomweb_api.security import Permission, Principal, require
+from dicomweb_api.security.audit import audited, query_objects
 from dicomweb_api.urls import CORP_HEADERS, dicomweb_base, instance_url, series_url, study_url
+from pacs_common.audit import AuditAction, AuditEventId
 from pacs_common.query import (
     InvalidQueryError,
     QueryLevel,
@@ -267,6 +269,18 @@ def _with_retrieve_url(match: dict[str, Any], level: QueryLevel, base: str) -> d
 
 
 async def _search(
+    request: Request,
+    context: ApiContext,
+    level: QueryLevel,
+    levels: tuple[QueryLevel, ...],
+    path_keys: dict[str, str],
+) -> Response:
+    objects = query_objects(request, path_keys.get(STUDY_INSTANCE_UID))
+    async with audited(request, AuditEventId.QUERY, AuditAction.EXECUTE, objects=objects):
+        return await _find(request, context, level, levels, path_keys)
+
+
+async def _find(
     request: Request,
     context: ApiContext,
     level: QueryLevel,

@@ -39,6 +39,7 @@ from dicomweb_api.pixels import (
     render_image,
 )
 from dicomweb_api.security import Permission, require
+from dicomweb_api.security.audit import instances_accessed
 from dicomweb_api.stored import find_instance, run_blocking, storage_of
 
 __all__ = ["THUMBNAIL_SIZE", "create_router", "parse_render_params"]
@@ -158,7 +159,7 @@ async def _rendered(
 def create_router() -> APIRouter:
     router = APIRouter(tags=["WADO-RS"])
     router.include_router(frames.create_router())
-    read = [Depends(require(Permission.READ))]
+    read = [Depends(require(Permission.READ)), Depends(instances_accessed)]
 
     @router.get(
         INSTANCE_PATH + "/rendered",

@@ -35,7 +35,9 @@ from dicomweb_api.multipart_reader import (
     spool_multipart,
 )
 from dicomweb_api.security import Permission, Principal, require
+from dicomweb_api.security.audit import AuditScope, audited
 from dicomweb_api.urls import dicomweb_base, instance_url, study_url
+from pacs_common.audit import AuditAction, AuditEventId, AuditOutcome
 from pacs_common.dicom.received import DatasetIdentity, InvalidDatasetError, MissingIdentityError
 from pacs_common.messaging.broker import PublishError
 from pacs_common.messaging.models import IngestSource
@@ -206,6 +208,17 @@ def _make_spool_dir(parent: Path) -> Path:
 async def _stow(
     request: Request, context: ApiContext, principal: Principal, path_study: str | None
 ) -> Response:
+    """Stores the request's instances; one audit event (DICOM Instances
+    Transferred, Create) lists the studies stored."""
+    async with audited(
+        request, AuditEventId.INSTANCES_TRANSFERRED, AuditAction.CREATE, details={"study": path_study}
+    ) as scope:
+        return await _store_request(request, context, principal, path_study, scope)
+
+
+async def _store_request(
+    request: Request, context: ApiContext, principal: Principal, path_study: str | None, scope: AuditScope
+) -> Response:
     settings = context.settings
     try:
         boundary = boundary_of(request.headers.get("content-type"), frozenset({APPLICATION_DICOM}))
@@ -243,6 +256,12 @@ async def _stow(
             },
         )
     stored_count = len(outcomes) - len(failed)
+    for outcome in outcomes:
+        if isinstance(outcome, _Stored):
+            scope.add("study", outcome.identity.study_instance_uid)
+    scope.details.update(stored=stored_count, failed=len(failed))
+    if failed:
+        scope.outcome = AuditOutcome.MINOR_FAILURE if stored_count else AuditOutcome.SERIOUS_FAILURE
     body = _response_dataset(outcomes, dicomweb_base(request, settings), path_study)
     headers: dict[str, str] = {}
     if not failed:

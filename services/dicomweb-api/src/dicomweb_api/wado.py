@@ -46,7 +46,9 @@ from dicomweb_api.accept import (
 from dicomweb_api.context import ApiContext, get_context
 from dicomweb_api.multipart import MultipartWriter
 from dicomweb_api.security import Permission, Principal, require
+from dicomweb_api.security.audit import audited, study_objects
 from dicomweb_api.urls import CORP_HEADERS, dicomweb_base, instance_url
+from pacs_common.audit import AuditAction, AuditEventId
 from pacs_common.dicom.transcode import transcode_file
 from pacs_common.query import (
     InvalidQueryError,
@@ -210,7 +212,25 @@ async def _instance_parts(
     yield writer.close()
 
 
+def _audit_details(series: str | None, instance: str | None) -> dict[str, Any]:
+    return {"series": series, "instance": instance}
+
+
 async def _retrieve(
+    request: Request, context: ApiContext, study: str, series: str | None, instance: str | None
+) -> Response:
+    details = _audit_details(series, instance)
+    async with audited(
+        request,
+        AuditEventId.INSTANCES_ACCESSED,
+        AuditAction.READ,
+        objects=study_objects(study),
+        details=details,
+    ):
+        return await _retrieve_instances(request, context, study, series, instance)
+
+
+async def _retrieve_instances(
     request: Request, context: ApiContext, study: str, series: str | None, instance: str | None
 ) -> Response:
     try:
@@ -267,6 +287,20 @@ def _render_metadata(rows: list[Any], base: str) -> bytes:
 
 
 async def _metadata(
+    request: Request, context: ApiContext, study: str, series: str | None, instance: str | None
+) -> Response:
+    details = _audit_details(series, instance)
+    async with audited(
+        request,
+        AuditEventId.INSTANCES_ACCESSED,
+        AuditAction.READ,
+        objects=study_objects(study),
+        details=details,
+    ):
+        return await _instance_metadata(request, context, study, series, instance)
+
+
+async def _instance_metadata(
     request: Request, context: ApiContext, study: str, series: str | None, instance: str | None
 ) -> Response:
     if not accepts(request.headers.get("accept"), (DICOM_JSON, "application/json")):

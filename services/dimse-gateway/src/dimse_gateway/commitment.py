@@ -42,6 +42,7 @@ from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.presentation import build_role
 
 from dimse_gateway import workflow_contexts as wf
+from dimse_gateway.audit import DimseAudit
 from dimse_gateway.metrics import GatewayMetrics
 from dimse_gateway.sockets import disable_nagle
 from pacs_common.db.blocking import BlockingPool
@@ -95,12 +96,14 @@ class CommitmentHandler:
         *,
         ae_title: str,
         resolve_requester: RequesterResolver | None = None,
+        audit: DimseAudit | None = None,
     ) -> None:
         self._pool = pool
         self._settings = settings
         self._metrics = metrics
         self._ae_title = ae_title
         self._resolve = resolve_requester or self._resolve_from_registry
+        self._audit = audit
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=settings.commitment_workers, thread_name_prefix="commitment"
         )
@@ -120,6 +123,8 @@ class CommitmentHandler:
     def on_action(self, event: Event) -> tuple[Dataset, Dataset | None]:
         answer = self._action(event)
         self._metrics.operations.labels("N-ACTION", f"0x{int(answer.Status):04X}").inc()
+        if self._audit is not None:
+            self._audit.workflow_change(event, "N-ACTION", answer)
         return answer, None
 
     def _action(self, event: Event) -> Dataset:

@@ -33,6 +33,7 @@ from pydicom.dataset import Dataset
 from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.events import Event
 
+from dimse_gateway.audit import DimseAudit
 from dimse_gateway.identifiers import (
     FIND_MODELS,
     IdentifierError,
@@ -74,10 +75,13 @@ class FindHandler:
 
     sop_classes: tuple[str, ...] = tuple(FIND_MODELS)
 
-    def __init__(self, query: QueryClient, ae_title: str, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, query: QueryClient, ae_title: str, metrics: GatewayMetrics, audit: DimseAudit | None = None
+    ) -> None:
         self._query = query
         self._ae_title = ae_title
         self._metrics = metrics
+        self._audit = audit
 
     def __call__(self, event: Event) -> Iterator[FindResponse]:
         started = time.perf_counter()
@@ -91,6 +95,9 @@ class FindHandler:
         finally:
             self._metrics.operations.labels("C-FIND", f"0x{final:04X}").inc()
             self._metrics.retrieve_seconds.labels("C-FIND").observe(time.perf_counter() - started)
+            if self._audit is not None:
+                sop_class = str(cast(C_FIND, event.request).AffectedSOPClassUID)
+                self._audit.query(event, sop_class, final)
 
     def _find(self, event: Event) -> Iterator[FindResponse]:
         request = cast(C_FIND, event.request)

@@ -20,6 +20,7 @@ from pynetdicom.dimse_primitives import C_GET
 from pynetdicom.presentation import PresentationContext
 
 from dimse_gateway import sending
+from dimse_gateway.audit import DimseAudit
 from dimse_gateway.identifiers import GET_MODELS
 from dimse_gateway.metrics import GatewayMetrics
 from dimse_gateway.sending import (
@@ -32,7 +33,7 @@ from dimse_gateway.sending import (
     decode_identifier,
     instances_to_send,
 )
-from pacs_common.query import QueryClient
+from pacs_common.query import QueryClient, RetrievableInstance
 
 logger = logging.getLogger(__name__)
 
@@ -44,25 +45,48 @@ class GetHandler:
 
     sop_classes: tuple[str, ...] = tuple(GET_MODELS)
 
-    def __init__(self, query: QueryClient, files: InstanceFiles, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        query: QueryClient,
+        files: InstanceFiles,
+        metrics: GatewayMetrics,
+        audit: DimseAudit | None = None,
+    ) -> None:
         self._query = query
         self._sender = SubOperationSender(files, metrics, OPERATION)
         self._metrics = metrics
+        self._audit = audit
 
     def __call__(self, assoc: Association, request: C_GET, context: PresentationContext) -> None:
         responder = RetrieveResponder(assoc, request, context)
+        found: list[RetrievableInstance] = []
         sending.answer_retrieve(
-            OPERATION, self._metrics, responder, lambda: self._get(assoc, request, context, responder)
+            OPERATION, self._metrics, responder, lambda: self._get(assoc, request, context, responder, found)
         )
+        if self._audit is not None:
+            self._audit.transferred(
+                assoc,
+                OPERATION,
+                responder.final_status,
+                (i.study_instance_uid for i in found),
+                destination=str(assoc.requestor.ae_title).strip(),
+                instances=len(found),
+            )
 
     def _get(
-        self, assoc: Association, request: C_GET, context: PresentationContext, responder: RetrieveResponder
+        self,
+        assoc: Association,
+        request: C_GET,
+        context: PresentationContext,
+        responder: RetrieveResponder,
+        found: list[RetrievableInstance],
     ) -> None:
         identifier = decode_identifier(request, context)
         model = GET_MODELS.get(str(request.AffectedSOPClassUID))
         if model is None:
             raise RetrieveFailedError(sending.UNABLE_TO_PROCESS, "not a Q/R Get SOP class")
         instances = instances_to_send(self._query, model, identifier)
+        found.extend(instances)
         if not instances:
             responder.final(sending.SUCCESS, SubOperationCounts(remaining=0))
             return

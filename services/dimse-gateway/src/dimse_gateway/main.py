@@ -16,6 +16,7 @@ from pynetdicom import evt
 from pynetdicom.events import EventHandlerType
 
 from dimse_gateway.associations import AssociationObserver
+from dimse_gateway.audit import DimseAudit
 from dimse_gateway.commitment import CommitmentHandler
 from dimse_gateway.find import FindHandler
 from dimse_gateway.get import GetHandler
@@ -34,6 +35,7 @@ from dimse_gateway.server import (
 from dimse_gateway.store import StoreHandler
 from dimse_gateway.workflow_contexts import MODALITY_WORKLIST_FIND, add_workflow_contexts
 from dimse_gateway.worklist import WorklistHandler
+from pacs_common.audit import AuditSettings, BackgroundAuditWriter
 from pacs_common.db.blocking import BlockingPool
 from pacs_common.messaging.blocking import BlockingPublisher
 from pacs_common.nodes import tls_client_context
@@ -132,23 +134,33 @@ def main() -> None:
 
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
+    # Audit events are queued by the association threads and written by one
+    # background thread: the DIMSE responses never wait for them.
+    audit_writer = BackgroundAuditWriter(
+        database, AuditSettings(), on_drop=lambda reason: metrics.audit_dropped.labels(reason).inc()
+    )
+    audit_writer.start()
+    audit = DimseAudit(audit_writer, settings.ae_title)
     receiver = InstanceReceiver(storage.get(HOT_TIER), HOT_TIER, publisher.publish_ingest)
     files = InstanceFiles(storage, settings.spool_dir)
     tls_context = tls_client_context(
         retrieve_settings.tls_ca_file, retrieve_settings.tls_cert_file, retrieve_settings.tls_key_file
     )
-    find = FindHandler(query, settings.ae_title, metrics)
+    find = FindHandler(query, settings.ae_title, metrics, audit)
     # One EVT_C_FIND handler; Modality Worklist's Find SOP class joins this map.
     find_services: dict[str, FindService] = dict.fromkeys(FindHandler.sop_classes, find)
     find_services[MODALITY_WORKLIST_FIND] = WorklistHandler(query, metrics)
-    mpps = MppsHandler(database, publisher, metrics)
-    commitment = CommitmentHandler(database, WorkflowSettings(), metrics, ae_title=settings.ae_title)
+    mpps = MppsHandler(database, publisher, metrics, audit)
+    commitment = CommitmentHandler(
+        database, WorkflowSettings(), metrics, ae_title=settings.ae_title, audit=audit
+    )
     handlers: list[EventHandlerType] = [
-        (evt.EVT_C_STORE, StoreHandler(receiver, metrics)),
+        (evt.EVT_C_STORE, StoreHandler(receiver, metrics, audit)),
         (evt.EVT_C_FIND, FindRouter(find_services)),
         *mpps.handlers(),
         *commitment.handlers(),
         *AssociationObserver(metrics).handlers(),
+        *audit.handlers(),
     ]
     retrieve = RetrieveHandlers(
         move=MoveHandler(
@@ -158,8 +170,9 @@ def main() -> None:
             files,
             metrics,
             ssl_context_factory=lambda: tls_context,
+            audit=audit,
         ),
-        get=GetHandler(query, files, metrics),
+        get=GetHandler(query, files, metrics, audit),
     )
     ae = build_ae(settings)
     add_workflow_contexts(ae)
@@ -173,6 +186,7 @@ def main() -> None:
         commitment.close()
         publisher.stop()
         query.close()
+        audit_writer.stop()
         database.stop()
         storage.close()
         logger.info("stopped")

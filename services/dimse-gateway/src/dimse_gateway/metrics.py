@@ -60,3 +60,9 @@ class GatewayMetrics:
             buckets=(*_LATENCY_BUCKETS, 60, 300, 900),
             registry=registry,
         )
+        self.audit_dropped = Counter(
+            "pacs_dimse_audit_dropped",
+            "Audit events not written, by reason (queue_full, database); the DICOM operations went on.",
+            ["reason"],
+            registry=registry,
+        )

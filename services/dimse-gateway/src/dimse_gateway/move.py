@@ -34,6 +34,7 @@ from pynetdicom.dimse_primitives import C_MOVE
 from pynetdicom.presentation import PresentationContext
 
 from dimse_gateway import sending
+from dimse_gateway.audit import DimseAudit
 from dimse_gateway.identifiers import MOVE_MODELS
 from dimse_gateway.metrics import GatewayMetrics
 from dimse_gateway.sending import (
@@ -90,6 +91,7 @@ class MoveHandler:
         metrics: GatewayMetrics,
         *,
         ssl_context_factory: Callable[[], ssl.SSLContext] | None = None,
+        audit: DimseAudit | None = None,
     ) -> None:
         self._settings = settings
         self._query = query
@@ -97,15 +99,31 @@ class MoveHandler:
         self._sender = SubOperationSender(files, metrics, OPERATION)
         self._metrics = metrics
         self._ssl_context_factory = ssl_context_factory
+        self._audit = audit
 
     def __call__(self, assoc: Association, request: C_MOVE, context: PresentationContext) -> None:
         responder = RetrieveResponder(assoc, request, context)
+        found: list[RetrievableInstance] = []
         sending.answer_retrieve(
-            OPERATION, self._metrics, responder, lambda: self._move(assoc, request, context, responder)
+            OPERATION, self._metrics, responder, lambda: self._move(assoc, request, context, responder, found)
         )
+        if self._audit is not None:
+            self._audit.transferred(
+                assoc,
+                OPERATION,
+                responder.final_status,
+                (i.study_instance_uid for i in found),
+                destination=str(request.MoveDestination or "").strip(),
+                instances=len(found),
+            )
 
     def _move(
-        self, assoc: Association, request: C_MOVE, context: PresentationContext, responder: RetrieveResponder
+        self,
+        assoc: Association,
+        request: C_MOVE,
+        context: PresentationContext,
+        responder: RetrieveResponder,
+        found: list[RetrievableInstance],
     ) -> None:
         identifier = decode_identifier(request, context)
         model = MOVE_MODELS.get(str(request.AffectedSOPClassUID))
@@ -113,6 +131,7 @@ class MoveHandler:
             raise RetrieveFailedError(sending.UNABLE_TO_PROCESS, "not a Q/R Move SOP class")
         node = self._destination(str(request.MoveDestination or "").strip())
         instances = instances_to_send(self._query, model, identifier)
+        found.extend(instances)
         if not instances:
             responder.final(sending.SUCCESS, SubOperationCounts(remaining=0))
             return

@@ -20,6 +20,7 @@ from pynetdicom.dimse_primitives import N_CREATE, N_SET
 from pynetdicom.events import Event, EventHandlerType
 
 from dimse_gateway import workflow_contexts as wf
+from dimse_gateway.audit import DimseAudit
 from dimse_gateway.metrics import GatewayMetrics
 from pacs_common.db.blocking import BlockingPool
 from pacs_common.messaging.broker import PublishError
@@ -48,10 +49,17 @@ class EventPublisher(Protocol):
 class MppsHandler:
     """Handles EVT_N_CREATE and EVT_N_SET of the MPPS SOP Class."""
 
-    def __init__(self, pool: BlockingPool, publisher: EventPublisher, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        pool: BlockingPool,
+        publisher: EventPublisher,
+        metrics: GatewayMetrics,
+        audit: DimseAudit | None = None,
+    ) -> None:
         self._pool = pool
         self._publish: Callable[[MppsEvent], Awaitable[None]] = publisher.publish_event_async
         self._metrics = metrics
+        self._audit = audit
 
     def handlers(self) -> list[EventHandlerType]:
         return [(evt.EVT_N_CREATE, self.on_create), (evt.EVT_N_SET, self.on_set)]
@@ -60,12 +68,19 @@ class MppsHandler:
         request = cast(N_CREATE, event.request)
         answer, attribute_list = self._create(event, request)
         self._count("N-CREATE", answer)
+        if self._audit is not None:
+            created = attribute_list.get("AffectedSOPInstanceUID") if attribute_list is not None else None
+            uid = str(request.AffectedSOPInstanceUID or created or "") or None
+            self._audit.workflow_change(event, "N-CREATE", answer, sop_instance_uid=uid)
         return answer, attribute_list
 
     def on_set(self, event: Event) -> tuple[Dataset, Dataset | None]:
         request = cast(N_SET, event.request)
         answer = self._set(event, request)
         self._count("N-SET", answer)
+        if self._audit is not None:
+            uid = str(request.RequestedSOPInstanceUID or "") or None
+            self._audit.workflow_change(event, "N-SET", answer, sop_instance_uid=uid)
         return answer, None
 
     def _create(self, event: Event, request: N_CREATE) -> tuple[Dataset, Dataset | None]:

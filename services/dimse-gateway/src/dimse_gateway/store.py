@@ -20,6 +20,7 @@ from pynetdicom.events import Event
 
 from dimse_gateway import statuses
 from dimse_gateway.associations import called_ae_title
+from dimse_gateway.audit import DimseAudit
 from dimse_gateway.metrics import GatewayMetrics
 from pacs_common.dicom.received import InvalidDatasetError
 from pacs_common.messaging.broker import PublishError
@@ -44,9 +45,12 @@ def _status(code: int, comment: str | None = None) -> Dataset:
 class StoreHandler:
     """Handles EVT_C_STORE."""
 
-    def __init__(self, receiver: InstanceReceiver, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, receiver: InstanceReceiver, metrics: GatewayMetrics, audit: DimseAudit | None = None
+    ) -> None:
         self._receiver = receiver
         self._metrics = metrics
+        self._audit = audit
 
     def __call__(self, event: Event) -> Dataset:
         started = time.perf_counter()
@@ -67,12 +71,15 @@ class StoreHandler:
                 "dicom.calling_ae": source.calling_ae_title or "",
             },
         ):
-            status = self._store(event, source, sop_instance_uid)
+            status, study_uid = self._store(event, source, sop_instance_uid)
+        if self._audit is not None:
+            self._audit.instance_received(assoc, study_uid, stored=status.Status == statuses.SUCCESS)
         self._metrics.store_seconds.observe(time.perf_counter() - started)
         self._metrics.operations.labels("C-STORE", f"0x{int(status.Status):04X}").inc()
         return status
 
-    def _store(self, event: Event, source: IngestSource, sop_instance_uid: str) -> Dataset:
+    def _store(self, event: Event, source: IngestSource, sop_instance_uid: str) -> tuple[Dataset, str | None]:
+        """The response status, and the study of the instance when stored."""
         try:
             received = self._receiver.receive(
                 event.dataset_path,
@@ -82,18 +89,18 @@ class StoreHandler:
             )
         except MissingIdentityError as exc:  # includes a dataset that is not the announced instance
             logger.warning("C-STORE refused: %s", exc, extra={"sop_instance_uid": sop_instance_uid})
-            return _status(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+            return _status(statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
         except InvalidDatasetError as exc:
             logger.warning("C-STORE refused: %s", exc, extra={"sop_instance_uid": sop_instance_uid})
-            return _status(statuses.CANNOT_UNDERSTAND, str(exc))
+            return _status(statuses.CANNOT_UNDERSTAND, str(exc)), None
         except StorageError as exc:
             logger.error("C-STORE failed, storage: %s", exc, extra={"sop_instance_uid": sop_instance_uid})
-            return _status(statuses.OUT_OF_RESOURCES, "storage unavailable")
+            return _status(statuses.OUT_OF_RESOURCES, "storage unavailable"), None
         except PublishError as exc:
             logger.error("C-STORE failed, broker: %s", exc, extra={"sop_instance_uid": sop_instance_uid})
-            return _status(statuses.OUT_OF_RESOURCES, "ingest queue unavailable")
+            return _status(statuses.OUT_OF_RESOURCES, "ingest queue unavailable"), None
         except Exception:
             logger.exception("C-STORE failed", extra={"sop_instance_uid": sop_instance_uid})
-            return _status(statuses.OUT_OF_RESOURCES, "internal error")
+            return _status(statuses.OUT_OF_RESOURCES, "internal error"), None
         self._metrics.store_bytes.inc(received.location.size)
-        return _status(statuses.SUCCESS)
+        return _status(statuses.SUCCESS), received.identity.study_instance_uid

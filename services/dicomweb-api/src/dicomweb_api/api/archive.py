@@ -34,6 +34,7 @@ from dicomweb_api.api.models import (
 )
 from dicomweb_api.context import ApiContext, get_context
 from dicomweb_api.security import Permission, require
+from dicomweb_api.security.audit import archive_accessed
 from pacs_common.dicom.metadata import normalize_for_matching
 
 __all__ = ["TOTAL_COUNT_HEADER", "ArchiveFilters", "create_router"]
@@ -324,7 +325,9 @@ async def _page(
 
 
 def create_router() -> APIRouter:
-    router = APIRouter(tags=["archive"], dependencies=[Depends(require(Permission.READ))])
+    router = APIRouter(
+        tags=["archive"], dependencies=[Depends(require(Permission.READ)), Depends(archive_accessed)]
+    )
 
     @router.get("/patients", response_model=Page[PatientSummary], summary="List patients")
     async def list_patients(

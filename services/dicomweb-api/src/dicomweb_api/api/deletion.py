@@ -18,6 +18,7 @@ from dicomweb_api.api.models import DeletionResult
 from dicomweb_api.context import ApiContext, get_context
 from dicomweb_api.delete import Level, delete_from_index, delete_objects, record_deletion
 from dicomweb_api.security import Permission, Principal, require
+from dicomweb_api.security.audit import AuditScope, StudyDeleted
 
 __all__ = ["create_router"]
 
@@ -40,12 +41,15 @@ _PARENTS: Final = {
 _NOT_FOUND: Final[dict[int | str, dict[str, Any]]] = {404: {"description": "not in the archive"}}
 
 
-async def _delete(context: ApiContext, principal: Principal, level: Level, uid: str) -> DeletionResult:
+async def _delete(
+    context: ApiContext, principal: Principal, audit: AuditScope, level: Level, uid: str
+) -> DeletionResult:
     parents = await context.pool.fetchrow(_PARENTS[level], uid)
     if parents is None:
         raise HTTPException(status_code=404, detail=f"no {level.value} {uid}")
     study: str = parents["study"]
     series: str | None = parents["series"]
+    await audit.add_study(study)
     sop = uid if level is Level.INSTANCE else None
     deleted = await delete_from_index(context.pool, level, study, series, sop)
     if deleted is None:  # deleted meanwhile
@@ -55,7 +59,7 @@ async def _delete(context: ApiContext, principal: Principal, level: Level, uid: 
         uids["series_instance_uid"] = series
     if sop is not None:
         uids["sop_instance_uid"] = sop
-    record_deletion(principal, level, uids, deleted)
+    record_deletion(audit, principal, level, uids, deleted)
     failures = await asyncio.to_thread(delete_objects, context.storage, deleted.objects)
     return DeletionResult(
         level=level.value,
@@ -77,8 +81,10 @@ def create_router() -> APIRouter:
         summary="Delete a study (index rows and objects)",
         responses=_NOT_FOUND,
     )
-    async def delete_study(context: Context, principal: Deleter, study_instance_uid: Uid) -> DeletionResult:
-        return await _delete(context, principal, Level.STUDY, study_instance_uid)
+    async def delete_study(
+        context: Context, principal: Deleter, audit: StudyDeleted, study_instance_uid: Uid
+    ) -> DeletionResult:
+        return await _delete(context, principal, audit, Level.STUDY, study_instance_uid)
 
     @router.delete(
         "/series/{series_instance_uid}",
@@ -86,8 +92,10 @@ def create_router() -> APIRouter:
         summary="Delete a series (index rows and objects)",
         responses=_NOT_FOUND,
     )
-    async def delete_series(context: Context, principal: Deleter, series_instance_uid: Uid) -> DeletionResult:
-        return await _delete(context, principal, Level.SERIES, series_instance_uid)
+    async def delete_series(
+        context: Context, principal: Deleter, audit: StudyDeleted, series_instance_uid: Uid
+    ) -> DeletionResult:
+        return await _delete(context, principal, audit, Level.SERIES, series_instance_uid)
 
     @router.delete(
         "/instances/{sop_instance_uid}",
@@ -95,7 +103,9 @@ def create_router() -> APIRouter:
         summary="Delete an instance (index row and object)",
         responses=_NOT_FOUND,
     )
-    async def delete_instance(context: Context, principal: Deleter, sop_instance_uid: Uid) -> DeletionResult:
-        return await _delete(context, principal, Level.INSTANCE, sop_instance_uid)
+    async def delete_instance(
+        context: Context, principal: Deleter, audit: StudyDeleted, sop_instance_uid: Uid
+    ) -> DeletionResult:
+        return await _delete(context, principal, audit, Level.INSTANCE, sop_instance_uid)
 
     return router

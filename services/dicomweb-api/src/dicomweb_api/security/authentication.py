@@ -24,11 +24,12 @@ import httpx
 import jwt
 from fastapi import Request
 
-from dicomweb_api.security.audit import AuditAction, AuditEventId, AuditLog, AuditOutcome
+from dicomweb_api.security.audit import http_actor
 from dicomweb_api.security.dependencies import AuthenticationError, Principal
 from dicomweb_api.security.permissions import Role
 from dicomweb_api.security.settings import AuthSettings
 from dicomweb_api.security.tokens import TOKEN_PREFIX, TokenStore
+from pacs_common.audit import AuditAction, AuditEventId, AuditLog, AuditOutcome
 
 __all__ = ["JwksCache", "OidcVerifier", "PacsAuthenticator", "build_authenticator", "roles_from_claims"]
 
@@ -260,14 +261,11 @@ class PacsAuthenticator:
             return
         try:
             await self._audit.record(
-                None,
                 AuditEventId.USER_AUTHENTICATION,
                 AuditAction.EXECUTE,
                 AuditOutcome.MINOR_FAILURE,
+                actor=http_actor(None, request, actor="unknown", actor_method=method),
                 details={"reason": str(error), "path": request.url.path},
-                request=request,
-                actor="unknown",
-                actor_method=method,
             )
         except (asyncpg.PostgresError, OSError) as exc:  # the 401 stands; the loss is logged
             logger.error("cannot audit a refused credential", extra={"error": str(exc)})

@@ -3,7 +3,7 @@ under ``/api/v1``; all need :attr:`Permission.ADMIN`).
 
 Changes of users and tokens, and every read of the audit log, are audited.
 The routes use ``app.state.context`` (the pool) and ``app.state.audit``
-(an :class:`~dicomweb_api.security.audit.AuditLog`).
+(a :class:`~pacs_common.audit.AuditLog`).
 """
 
 from __future__ import annotations
@@ -16,17 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from dicomweb_api.context import ApiContext, get_context
-from dicomweb_api.security.audit import (
-    AuditAction,
-    AuditEvent,
-    AuditEventId,
-    AuditLog,
-    AuditObject,
-    AuditOutcome,
-    AuditQuery,
-    fhir_bundle,
-    get_audit_log,
-)
+from dicomweb_api.security.audit import get_audit_log, http_actor
 from dicomweb_api.security.dependencies import Principal, require
 from dicomweb_api.security.permissions import ROLE_PERMISSIONS, Permission, Role
 from dicomweb_api.security.tokens import RolesNotHeldError, TokenRecord, TokenStore, UnknownUserError
@@ -37,6 +27,16 @@ from dicomweb_api.security.users import (
     UserPublic,
     UserStore,
     UserUpdate,
+)
+from pacs_common.audit import (
+    AuditAction,
+    AuditEvent,
+    AuditEventId,
+    AuditLog,
+    AuditObject,
+    AuditOutcome,
+    AuditQuery,
+    fhir_bundle,
 )
 
 __all__ = ["FHIR_JSON", "RoleInfo", "TokenCreate", "TokenCreated", "create_security_router"]
@@ -79,13 +79,12 @@ async def _audit_change(
     details: dict[str, Any],
 ) -> None:
     await audit.record(
-        principal,
         AuditEventId.SECURITY_ALERT,
         action,
         AuditOutcome.SUCCESS,
+        actor=http_actor(principal, request),
         objects=objects,
         details=details,
-        request=request,
     )
 
 
@@ -247,12 +246,11 @@ def _audit_routes(router: APIRouter) -> None:
             raise HTTPException(status_code=422, detail="since must be before until")
         events = await audit.query(query)
         await audit.record(
-            principal,
             AuditEventId.AUDIT_LOG_USED,
             AuditAction.READ,
             AuditOutcome.SUCCESS,
+            actor=http_actor(principal, request),
             details={"query": query.model_dump(mode="json", exclude_defaults=True), "events": len(events)},
-            request=request,
         )
         return events
 

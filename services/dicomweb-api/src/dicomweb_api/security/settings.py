@@ -1,8 +1,9 @@
-"""Settings of authentication and audit (``PACS_AUTH_*``)."""
+"""Settings of authentication (``PACS_AUTH_*``); the audit trail has its own
+(:class:`pacs_common.audit.AuditSettings`, ``PACS_AUDIT_*``)."""
 
 from __future__ import annotations
 
-from typing import Literal, Self
+from typing import Self
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,7 +27,7 @@ DEFAULT_ALGORITHMS = [
 
 
 class AuthSettings(BaseSettings):
-    """Who may call the HTTP API, and where audit messages go."""
+    """Who may call the HTTP API."""
 
     model_config = SettingsConfigDict(env_prefix="PACS_AUTH_", extra="ignore")
 
@@ -56,14 +57,6 @@ class AuthSettings(BaseSettings):
     api_tokens_enabled: bool = True
     # Requests without credentials get this role (a demo); None: refused (401).
     anonymous_role: Role | None = None
-
-    # Audit messages (RFC 5424 syslog carrying DICOM audit XML), when a host is set.
-    audit_syslog_host: str | None = None
-    audit_syslog_port: int = Field(default=514, ge=1, le=65535)
-    audit_syslog_protocol: Literal["udp", "tcp"] = "udp"
-    # AuditSourceIdentification and the syslog APP-NAME / HOSTNAME.
-    audit_source_id: str = "pacs"
-    audit_enterprise_site_id: str | None = None
 
     @model_validator(mode="after")
     def _oidc_complete(self) -> Self:
