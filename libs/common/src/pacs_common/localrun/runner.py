@@ -598,6 +598,10 @@ class LocalSystem:
                     kind.http_port_env: str(http_port),
                     "PACS_TELEMETRY_SERVICE_INSTANCE": name,
                 }
+                if kind is DICOMWEB and "PACS_DICOMWEB_PUBLIC_BASE_URL" not in self.extra_env:
+                    # Links in responses (RetrieveURL, BulkDataURI) must carry the
+                    # port even for clients that send Host without it.
+                    env["PACS_DICOMWEB_PUBLIC_BASE_URL"] = f"http://{LOCALHOST}:{http_port}"
                 log_path = self.log_dir / f"{name}.log"
                 services.append(ServiceProcess(kind, index, http_port, log_path, env))
         # Gateways and dicomweb-api reach the (first) query-service unless told otherwise.
