@@ -12,6 +12,7 @@ import pytest
 from fastapi import FastAPI
 
 from dicomweb_api.testing import Store, StoredInstance
+from pacs_common import locks
 from pacs_common.storage import ObjectStorage
 from query_service.testing import dataset
 
@@ -115,3 +116,22 @@ async def test_delete_unknown_or_bad_uid(
 ) -> None:
     assert (await client.delete(path, headers=ADMIN)).status_code == status
     assert len(await _sops(db_pool)) == 4
+
+
+async def test_a_study_locked_by_someone_else_is_not_deleted(
+    client: httpx.AsyncClient, stored: list[StoredInstance], db_pool: asyncpg.Pool, hot_storage: ObjectStorage
+) -> None:
+    async with db_pool.acquire() as connection:
+        lock = await locks.acquire(
+            connection, "1.1", "migration-job", mode=locks.LockMode.EXCLUSIVE, ttl_seconds=60
+        )
+    refused = await client.delete("/series/1.1.1", headers=ADMIN)
+    assert refused.status_code == 409
+    assert "locked" in refused.json()["detail"]
+    assert (await client.delete("http://test/dicom-web/studies/1.1", headers=ADMIN)).status_code == 409
+    assert await _sops(db_pool) == ["1.1.1.1", "1.1.1.2", "1.1.2.1", "1.2.1.1"]
+    assert all([await _exists(hot_storage, s) for s in stored])
+
+    async with db_pool.acquire() as connection:
+        await locks.release(connection, "1.1", lock.id, "migration-job")
+    assert (await client.delete("/studies/1.1", headers=ADMIN)).status_code == 200

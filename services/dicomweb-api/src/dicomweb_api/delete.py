@@ -24,12 +24,14 @@ from fastapi import APIRouter, Depends, HTTPException, Response
 from dicomweb_api.context import ApiContext, get_context
 from dicomweb_api.security import Permission, Principal, require
 from dicomweb_api.security.audit import AuditScope, StudyDeleted
+from pacs_common import locks
 from pacs_common.storage import StorageError, StorageRegistry
 
 __all__ = [
     "DeletedObjects",
     "Level",
     "ObjectRef",
+    "StudyLockedError",
     "create_router",
     "delete_from_index",
     "delete_objects",
@@ -198,11 +200,24 @@ async def _delete(
     return DeletedObjects(uids, tuple(dict.fromkeys(objects)))
 
 
+class StudyLockedError(Exception):
+    """A live lock of somebody else is on the study (study locks of the REST API)."""
+
+
 async def delete_from_index(
-    pool: asyncpg.Pool, level: Level, study: str, series: str | None = None, sop: str | None = None
+    pool: asyncpg.Pool,
+    level: Level,
+    study: str,
+    series: str | None = None,
+    sop: str | None = None,
+    *,
+    holder: str | None = None,
 ) -> DeletedObjects | None:
     """Remove the rows of a study, series or instance in one transaction;
-    None when there is no such entity.
+    None when there is no such entity.  With ``holder``, refuse
+    (:class:`StudyLockedError`) while anybody else holds a live lock on the
+    study; checked inside the transaction, so no lock can be taken until
+    the delete commits.
 
     A deadlock with the ingest worker (it locks the patient row before the
     study row, this the study before the patient) rolls back one of the two;
@@ -211,6 +226,8 @@ async def delete_from_index(
     for attempt in range(1, _MAX_ATTEMPTS + 1):
         try:
             async with pool.acquire() as connection, connection.transaction():
+                if holder is not None and await locks.is_locked_by_other(connection, study, holder):
+                    raise StudyLockedError(f"study {study} is locked by another holder")
                 return await _delete(connection, level, study, series, sop)
         except _NotFoundError:
             return None
@@ -270,7 +287,10 @@ async def _handle(
     series: str | None = None,
     sop: str | None = None,
 ) -> Response:
-    deleted = await delete_from_index(context.pool, level, study, series, sop)
+    try:
+        deleted = await delete_from_index(context.pool, level, study, series, sop, holder=principal.subject)
+    except StudyLockedError as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from exc
     if deleted is None:
         raise HTTPException(status_code=404, detail=f"{level.value} not found")
     uids = {"study_instance_uid": study}

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path
 
 from dicomweb_api.api.models import DeletionResult
 from dicomweb_api.context import ApiContext, get_context
-from dicomweb_api.delete import Level, delete_from_index, delete_objects, record_deletion
+from dicomweb_api.delete import Level, StudyLockedError, delete_from_index, delete_objects, record_deletion
 from dicomweb_api.security import Permission, Principal, require
 from dicomweb_api.security.audit import AuditScope, StudyDeleted
 
@@ -51,7 +51,10 @@ async def _delete(
     series: str | None = parents["series"]
     await audit.add_study(study)
     sop = uid if level is Level.INSTANCE else None
-    deleted = await delete_from_index(context.pool, level, study, series, sop)
+    try:
+        deleted = await delete_from_index(context.pool, level, study, series, sop, holder=principal.subject)
+    except StudyLockedError as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from exc
     if deleted is None:  # deleted meanwhile
         raise HTTPException(status_code=404, detail=f"no {level.value} {uid}")
     uids = {"study_instance_uid": study}

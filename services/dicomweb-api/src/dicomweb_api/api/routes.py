@@ -5,11 +5,35 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from dicomweb_api.api import archive, deletion, nodes, system, worklist
+from dicomweb_api.api import (
+    archive,
+    clinical,
+    deletion,
+    jobs,
+    key_images,
+    locks,
+    nodes,
+    routing_rules,
+    system,
+    worklist,
+)
+from dicomweb_api.api.deidentify import create_router as create_deidentify_router
 
 
 def create_router() -> APIRouter:
     router = APIRouter()
-    for module in (system, archive, deletion, nodes, worklist):
+    for module in (
+        system,
+        archive,
+        deletion,
+        nodes,
+        worklist,
+        locks,
+        clinical,
+        key_images,
+        jobs,
+        routing_rules,
+    ):
         router.include_router(module.create_router())
+    router.include_router(create_deidentify_router())
     return router
