@@ -12,6 +12,7 @@ the rendered image fitted to 128 px unless a viewport is given.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Final
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
@@ -156,6 +157,32 @@ async def _rendered(
     return Response(image, media_type=params.image_format.value, headers=conditional_headers(etag))
 
 
+def _render_params(default_viewport: tuple[int, int] | None) -> Callable[..., RenderParams]:
+    """The dependency reading a rendering request's query parameters."""
+
+    def dependency(
+        request: Request,
+        window: WindowParam = None,
+        viewport: ViewportParam = None,
+        quality: QualityParam = None,
+        accept: AcceptParam = None,
+    ) -> RenderParams:
+        return parse_render_params(
+            accept=accept or request.headers.get("accept"),
+            window=window,
+            viewport=viewport,
+            quality=quality,
+            default_viewport=default_viewport,
+        )
+
+    return dependency
+
+
+Rendered = Annotated[RenderParams, Depends(_render_params(None))]
+Thumbnail = Annotated[RenderParams, Depends(_render_params(THUMBNAIL_SIZE))]
+Context = Annotated[ApiContext, Depends(get_context)]
+
+
 def create_router() -> APIRouter:
     router = APIRouter(tags=["WADO-RS"])
     router.include_router(frames.create_router())
@@ -168,20 +195,8 @@ def create_router() -> APIRouter:
         dependencies=read,
     )
     async def rendered_instance(
-        *,
-        study: str,
-        series: str,
-        instance: str,
-        request: Request,
-        context: Annotated[ApiContext, Depends(get_context)],
-        window: WindowParam = None,
-        viewport: ViewportParam = None,
-        quality: QualityParam = None,
-        accept: AcceptParam = None,
+        *, study: str, series: str, instance: str, request: Request, context: Context, params: Rendered
     ) -> Response:
-        params = parse_render_params(
-            accept=accept or request.headers.get("accept"), window=window, viewport=viewport, quality=quality
-        )
         return await _rendered(
             context=context,
             request=request,
@@ -199,24 +214,8 @@ def create_router() -> APIRouter:
         dependencies=read,
     )
     async def thumbnail_instance(
-        *,
-        study: str,
-        series: str,
-        instance: str,
-        request: Request,
-        context: Annotated[ApiContext, Depends(get_context)],
-        window: WindowParam = None,
-        viewport: ViewportParam = None,
-        quality: QualityParam = None,
-        accept: AcceptParam = None,
+        *, study: str, series: str, instance: str, request: Request, context: Context, params: Thumbnail
     ) -> Response:
-        params = parse_render_params(
-            accept=accept or request.headers.get("accept"),
-            window=window,
-            viewport=viewport,
-            quality=quality,
-            default_viewport=THUMBNAIL_SIZE,
-        )
         return await _rendered(
             context=context,
             request=request,
@@ -240,15 +239,9 @@ def create_router() -> APIRouter:
         instance: str,
         frame: int,
         request: Request,
-        context: Annotated[ApiContext, Depends(get_context)],
-        window: WindowParam = None,
-        viewport: ViewportParam = None,
-        quality: QualityParam = None,
-        accept: AcceptParam = None,
+        context: Context,
+        params: Rendered,
     ) -> Response:
-        params = parse_render_params(
-            accept=accept or request.headers.get("accept"), window=window, viewport=viewport, quality=quality
-        )
         return await _rendered(
             context=context,
             request=request,
@@ -272,19 +265,9 @@ def create_router() -> APIRouter:
         instance: str,
         frame: int,
         request: Request,
-        context: Annotated[ApiContext, Depends(get_context)],
-        window: WindowParam = None,
-        viewport: ViewportParam = None,
-        quality: QualityParam = None,
-        accept: AcceptParam = None,
+        context: Context,
+        params: Thumbnail,
     ) -> Response:
-        params = parse_render_params(
-            accept=accept or request.headers.get("accept"),
-            window=window,
-            viewport=viewport,
-            quality=quality,
-            default_viewport=THUMBNAIL_SIZE,
-        )
         return await _rendered(
             context=context,
             request=request,
