@@ -10,13 +10,12 @@ from typing import Any
 import httpx
 import pydicom
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from dicomweb_api.app import create_app
 from dicomweb_api.context import ApiContext
-from dicomweb_api.security import AuthenticationError, Principal, Role
-from dicomweb_api.testing import Store
+from dicomweb_api.testing import HeaderAuthenticator, Store
 from pacs_common.messaging.models import IngestMessage
 from pacs_common.storage import ObjectStorage
 from query_service.testing import dataset
@@ -27,17 +26,6 @@ SOP1, SOP2 = f"{SERIES}.1", f"{SERIES}.2"
 MULTIFRAME = f"{SERIES}.3"
 OTHER_SERIES = f"{STUDY}.2"
 KOS = "1.2.840.10008.5.1.4.1.1.88.59"
-
-
-class _SubjectAuthenticator:
-    """Subject from ``x-test-subject``, roles from ``x-test-roles``."""
-
-    async def authenticate(self, request: Request) -> Principal:
-        subject = request.headers.get("x-test-subject")
-        if subject is None:
-            raise AuthenticationError("no credentials")
-        roles = frozenset(Role(r) for r in request.headers.get("x-test-roles", "").split(",") if r)
-        return Principal(subject=subject, roles=roles, method="token")
 
 
 def _as(subject: str, roles: str = "radiologist") -> dict[str, str]:
@@ -51,7 +39,7 @@ ADMIN = _as("root", "administrator")
 
 @pytest.fixture
 async def client(api_context: ApiContext) -> AsyncIterator[httpx.AsyncClient]:
-    app: FastAPI = create_app(api_context, _SubjectAuthenticator(), CollectorRegistry())
+    app: FastAPI = create_app(api_context, HeaderAuthenticator(), CollectorRegistry())
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
         yield http

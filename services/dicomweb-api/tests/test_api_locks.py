@@ -9,25 +9,14 @@ from collections.abc import AsyncIterator
 import asyncpg
 import httpx
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from dicomweb_api.app import create_app
 from dicomweb_api.context import ApiContext
-from dicomweb_api.security import AuthenticationError, Principal, Role
+from dicomweb_api.testing import HeaderAuthenticator
 
 STUDY = "1.2.3.4"
-
-
-class _SubjectAuthenticator:
-    """Subject from ``x-test-subject``, roles from ``x-test-roles``."""
-
-    async def authenticate(self, request: Request) -> Principal:
-        subject = request.headers.get("x-test-subject")
-        if subject is None:
-            raise AuthenticationError("no credentials")
-        roles = frozenset(Role(r) for r in request.headers.get("x-test-roles", "").split(",") if r)
-        return Principal(subject=subject, roles=roles, method="token")
 
 
 def _as(subject: str, roles: str = "technologist") -> dict[str, str]:
@@ -41,7 +30,7 @@ ADMIN = _as("root", "administrator")
 
 @pytest.fixture
 async def client(api_context: ApiContext) -> AsyncIterator[httpx.AsyncClient]:
-    app: FastAPI = create_app(api_context, _SubjectAuthenticator(), CollectorRegistry())
+    app: FastAPI = create_app(api_context, HeaderAuthenticator(), CollectorRegistry())
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test/api/v1") as http:
         yield http

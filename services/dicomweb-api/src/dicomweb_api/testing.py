@@ -35,6 +35,7 @@ from pacs_common.telemetry import serve_http
 
 __all__ = [
     "ROLES_HEADER",
+    "SUBJECT_HEADER",
     "HeaderAuthenticator",
     "Part",
     "Store",
@@ -47,12 +48,15 @@ __all__ = [
 
 #: The header :class:`HeaderAuthenticator` reads roles from (comma-separated).
 ROLES_HEADER: Final = "x-test-roles"
+SUBJECT_HEADER: Final = "x-test-subject"
 #: Bulk data threshold of the ingest worker's default.
 BULK_DATA_THRESHOLD: Final = 1024
 
 
 class HeaderAuthenticator:
-    """Roles named in the ``x-test-roles`` header; no header means no credentials (401)."""
+    """Roles named in the ``x-test-roles`` header, the subject in
+    ``x-test-subject`` (default ``tester``); no roles header means no
+    credentials (401)."""
 
     async def authenticate(self, request: Request) -> Principal:
         roles = request.headers.get(ROLES_HEADER)
@@ -62,7 +66,8 @@ class HeaderAuthenticator:
             granted = frozenset(Role(r.strip()) for r in roles.split(",") if r.strip())
         except ValueError as exc:
             raise AuthenticationError(f"unknown role in {ROLES_HEADER}: {roles}") from exc
-        return Principal(subject="tester", roles=granted, method="token")
+        subject = request.headers.get(SUBJECT_HEADER, "tester")
+        return Principal(subject=subject, roles=granted, method="token")
 
 
 @dataclass(frozen=True, slots=True)
