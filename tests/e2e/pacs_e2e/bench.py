@@ -10,7 +10,9 @@ time.
 
 Then the query/retrieve benchmark (:mod:`pacs_e2e.bench_query`: C-FIND and
 query-service latency over a synthesized index, C-MOVE throughput).
-``--only store`` / ``--only query`` runs one of the two.
+Then the DICOMweb benchmark (:mod:`pacs_e2e.bench_dicomweb`: STOW-RS, QIDO-RS
+over a synthesized index, WADO-RS, side by side with Orthanc's DICOMweb
+plugin).  ``--only store`` / ``query`` / ``dicomweb`` runs one of the three.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from pacs_common.localrun.infra import find_free_port
 from pacs_common.localrun.runner import LocalSystem
-from pacs_e2e import bench_query
+from pacs_e2e import bench_dicomweb, bench_query
 from pacs_e2e.corpus import write_ct_series
 from pacs_e2e.dcmtk import DCMTK_ENV, dcmtk_available, echoscu, tool
 from pacs_e2e.index import IndexReader
@@ -273,18 +275,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs per case (figures of each are printed)")
     parser.add_argument("--no-compare", action="store_true", help="skip Orthanc and storescp")
     parser.add_argument(
-        "--only", choices=("store", "query"), help="run only the C-STORE or only the query/retrieve benchmark"
+        "--only",
+        choices=("store", "query", "dicomweb"),
+        help="run only the C-STORE, the query/retrieve or the DICOMweb benchmark",
     )
     bench_query.add_arguments(parser)
+    bench_dicomweb.add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.only != "query":
+    if args.only in (None, "store"):
         _store_bench(args)
-    if args.only != "store":
+    if args.only in (None, "query"):
         bench_query.run_query_bench(
             instances=args.instances,
             queries=args.queries,
             kind_budget=args.kind_budget,
             move_repeat=args.move_repeat,
+            compare=not args.no_compare,
+        )
+    if args.only in (None, "dicomweb"):
+        bench_dicomweb.run_dicomweb_bench(
+            instances=args.instances,
+            queries=args.queries,
+            kind_budget=args.qido_kind_budget,
+            stow_repeat=args.stow_repeat,
+            workers=args.workers,
             compare=not args.no_compare,
         )
 
