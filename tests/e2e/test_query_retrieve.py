@@ -359,7 +359,9 @@ def test_movescu_to_itself(pacs: LocalSystem, archive: Archive, tmp_path: Path) 
         assert got.PatientName == original.PatientName
 
 
-def test_movescu_to_storescp_byte_identical(pacs: LocalSystem, archive: Archive, tmp_path: Path) -> None:
+def test_movescu_to_storescp_byte_identical(
+    pacs: LocalSystem, archive: Archive, index: IndexReader, tmp_path: Path
+) -> None:
     port = find_free_port()
     _register(pacs, "REFERENCE", port)
     study = archive.smith_cr
@@ -381,6 +383,17 @@ def test_movescu_to_storescp_byte_identical(pacs: LocalSystem, archive: Archive,
     for path in study.paths:
         uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
         assert dataset_bytes(by_uid[uid]) == dataset_bytes(path)
+    # The move is on record as a job, for operators (REST /api/v1/jobs).
+    (job,) = index.fetch(
+        "SELECT state, progress_done, progress_total, params->>'requested_by' AS requested_by FROM job "
+        "WHERE kind = 'move' AND params->>'destination' = 'REFERENCE'"
+    )
+    assert job == {
+        "state": "done",
+        "progress_done": len(study.paths),
+        "progress_total": len(study.paths),
+        "requested_by": "E2E",
+    }
 
 
 def test_move_transcodes_for_a_destination_without_jpeg(

@@ -112,6 +112,29 @@ class JobRepository:
         assert row is not None
         return _job(row)
 
+    async def start(
+        self,
+        kind: JobKind,
+        params: dict[str, Any] | None = None,
+        *,
+        total: int | None = None,
+        created_by: str | None = None,
+    ) -> Job:
+        """A job that runs from the moment it is recorded (e.g. a C-MOVE a
+        peer asked for): created running, with its total when known."""
+        row = await self._db.fetchrow(
+            f"""
+            INSERT INTO job (kind, params, created_by, state, attempts, started_at, progress_total)
+            VALUES ($1, $2, $3, 'running', 1, now(), $4) RETURNING {_COLUMNS}
+            """,
+            str(kind),
+            params or {},
+            created_by,
+            total,
+        )
+        assert row is not None
+        return _job(row)
+
     async def get(self, job_id: int) -> Job | None:
         row = await self._db.fetchrow(f"SELECT {_COLUMNS} FROM job WHERE id = $1", job_id)
         return None if row is None else _job(row)

@@ -20,6 +20,7 @@ from dimse_gateway.audit import DimseAudit
 from dimse_gateway.commitment import CommitmentHandler
 from dimse_gateway.find import FindHandler
 from dimse_gateway.get import GetHandler
+from dimse_gateway.jobs import MoveJobs
 from dimse_gateway.metrics import GatewayMetrics
 from dimse_gateway.move import MoveHandler, RegistryNodeDirectory
 from dimse_gateway.mpps import MppsHandler
@@ -171,6 +172,7 @@ def main() -> None:
             metrics,
             ssl_context_factory=lambda: tls_context,
             audit=audit,
+            jobs=MoveJobs(database),
         ),
         get=GetHandler(query, files, metrics, audit),
     )

@@ -36,12 +36,14 @@ from pynetdicom.presentation import PresentationContext
 from dimse_gateway import sending
 from dimse_gateway.audit import DimseAudit
 from dimse_gateway.identifiers import MOVE_MODELS
+from dimse_gateway.jobs import MoveJob, MoveJobs
 from dimse_gateway.metrics import GatewayMetrics
 from dimse_gateway.sending import (
     AssociationTarget,
     InstanceFiles,
     RetrieveFailedError,
     RetrieveResponder,
+    RunResult,
     SubOperationCounts,
     SubOperationSender,
     decode_identifier,
@@ -50,6 +52,7 @@ from dimse_gateway.sending import (
 )
 from dimse_gateway.sockets import disable_nagle
 from pacs_common.db.blocking import BlockingPool
+from pacs_common.jobs import JobState
 from pacs_common.nodes import Operation, RemoteNode, RemoteNodeRepository
 from pacs_common.query import QueryClient, RetrievableInstance
 from pacs_common.settings import GatewaySettings
@@ -92,6 +95,7 @@ class MoveHandler:
         *,
         ssl_context_factory: Callable[[], ssl.SSLContext] | None = None,
         audit: DimseAudit | None = None,
+        jobs: MoveJobs | None = None,
     ) -> None:
         self._settings = settings
         self._query = query
@@ -100,6 +104,7 @@ class MoveHandler:
         self._metrics = metrics
         self._ssl_context_factory = ssl_context_factory
         self._audit = audit
+        self._jobs = jobs
 
     def __call__(self, assoc: Association, request: C_MOVE, context: PresentationContext) -> None:
         responder = RetrieveResponder(assoc, request, context)
@@ -143,6 +148,14 @@ class MoveHandler:
             self._metrics.suboperations.labels(OPERATION, "failed").inc(len(instances))
             responder.final(sending.UNABLE_TO_PERFORM_SUBOPERATIONS, counts, comment=reason)
             return
+        job = self._start_job(assoc, node, instances)
+        total = len(instances)
+
+        def progress(counts: SubOperationCounts) -> None:
+            responder.pending(counts)
+            job.progress(total - counts.remaining, total)
+
+        result: RunResult | None = None
         try:
             target = AssociationTarget(
                 store_assoc,
@@ -150,12 +163,29 @@ class MoveHandler:
                 move_originator=(assoc.requestor.ae_title, responder.message_id),
             )
             result = self._sender.run(
-                instances, target, is_cancelled=responder.is_cancelled, progress=responder.pending
+                instances,
+                target,
+                is_cancelled=lambda: responder.is_cancelled() or job.cancelled,
+                progress=progress,
             )
         finally:
             if store_assoc.is_established:
                 store_assoc.release()
+            job.finish(*_job_outcome(result))
         responder.complete(result)
+
+    def _start_job(
+        self, assoc: Association, node: RemoteNode, instances: list[RetrievableInstance]
+    ) -> MoveJob:
+        if self._jobs is None:
+            return MoveJob.untracked()
+        calling = str(assoc.requestor.ae_title).strip()
+        params = {
+            "destination": node.ae_title,
+            "requested_by": calling,
+            "studies": sorted({i.study_instance_uid for i in instances}),
+        }
+        return self._jobs.start(params, len(instances), calling)
 
     def _destination(self, ae_title: str) -> RemoteNode:
         if not ae_title:
@@ -206,3 +236,17 @@ class MoveHandler:
         # response; this association lives only while it is kept busy.
         store_assoc.dul._run_loop_delay = _SUB_ASSOCIATION_POLL_SECONDS
         return store_assoc
+
+
+def _job_outcome(result: RunResult | None) -> tuple[JobState, str | None]:
+    if result is None:
+        return JobState.FAILED, "sub-operations did not run to the end"
+    counts = result.counts
+    if result.cancelled:
+        return JobState.CANCELLED, None
+    if counts.failed:
+        return (
+            JobState.FAILED,
+            f"{counts.failed} of {counts.failed + counts.completed + counts.warning} failed: {counts.first_failure}",
+        )
+    return JobState.DONE, None
