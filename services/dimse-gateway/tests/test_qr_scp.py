@@ -84,10 +84,11 @@ from pacs_common.db.index import IndexItem, InstanceIndex
 from pacs_common.dicom.metadata import parse_for_index
 from pacs_common.messaging.models import StorageLocation
 from pacs_common.nodes import Operation, RemoteNodeCreate, RemoteNodeRepository, tls_client_context
-from pacs_common.query import QueryClient, QueryRequest, QueryStream
+from pacs_common.query import QueryClient
 from pacs_common.settings import DatabaseSettings, DuplicatePolicy, GatewaySettings
 from pacs_common.storage import ObjectStorage, StorageRegistry
 from pacs_common.testing.broker import free_port
+from pacs_common.testing.query import PacedQueryClient
 
 GATEWAY_AE = "PACS"
 SCU_AE = "VIEWER"
@@ -346,33 +347,6 @@ class Gateway:
     def suboperations(self, operation: str, outcome: str) -> float:
         labels = {"operation": operation, "outcome": outcome}
         return self.registry.get_sample_value("pacs_dimse_suboperations_total", labels) or 0.0
-
-
-class PacedStream(QueryStream):
-    """A query-service stream handing out one match per ``PACE`` seconds."""
-
-    PACE = 0.01
-
-    def __init__(self, inner: QueryStream) -> None:
-        self._inner = inner
-        self.completion = None
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        for match in self._inner:
-            time.sleep(self.PACE)
-            yield match
-        self.completion = self._inner.completion
-
-    def close(self) -> None:
-        self._inner.close()
-
-
-class PacedQueryClient(QueryClient):
-    """The real client, its matches paced: a C-CANCEL then provably arrives
-    while matches are still streaming, however fast the machine is."""
-
-    def find(self, request: QueryRequest) -> QueryStream:
-        return PacedStream(super().find(request))
 
 
 class StartGateway(Protocol):

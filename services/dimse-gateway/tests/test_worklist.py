@@ -32,6 +32,7 @@ from dimse_gateway.worklist import WorklistHandler
 from pacs_common.query.client import QueryClient
 from pacs_common.settings import GatewaySettings
 from pacs_common.testing.broker import free_port
+from pacs_common.testing.query import PacedQueryClient
 from pacs_common.workflow import worklist
 from query_service.testing import query_settings, start_service
 
@@ -120,7 +121,8 @@ async def scheduled(db_pool: asyncpg.Pool) -> list[worklist.WorklistItem]:
 @pytest_asyncio.fixture(loop_scope="session")
 async def gateway(db_pool: asyncpg.Pool) -> AsyncIterator[Gateway]:
     async with start_service(db_pool, query_settings()) as service:
-        client = QueryClient(service.base_url, timeout_seconds=10)
+        # Paced: a C-CANCEL provably arrives while matches still stream.
+        client = PacedQueryClient(service.base_url, timeout_seconds=10)
         settings = GatewaySettings(ae_title=GATEWAY_AE, host="127.0.0.1", port=free_port(), reuse_port=False)
         registry = CollectorRegistry()
         ae = build_ae(settings)
