@@ -21,20 +21,10 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian
 
+from dicomweb_api.accept import MediaRange, parse_accept
 from dicomweb_api.context import ApiContext, get_context
-from dicomweb_api.media import (
-    MediaRange,
-    Part,
-    close_delimiter,
-    conditional_headers,
-    encode_part,
-    etag_for,
-    if_none_match_hits,
-    multipart_body,
-    new_boundary,
-    not_modified,
-    parse_accept,
-)
+from dicomweb_api.media import conditional_headers, etag_for, if_none_match_hits, not_modified
+from dicomweb_api.multipart import Part, close_delimiter, encode_part, multipart_body, new_boundary
 from dicomweb_api.pixels import (
     PIXEL_DATA_TAGS,
     PIXEL_ELEMENTS,

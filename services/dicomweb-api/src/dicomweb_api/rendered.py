@@ -18,9 +18,10 @@ from typing import Annotated, Final
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 
 from dicomweb_api import frames
+from dicomweb_api.accept import parse_accept
 from dicomweb_api.context import ApiContext, get_context
 from dicomweb_api.frames import INSTANCE_PATH
-from dicomweb_api.media import conditional_headers, etag_for, if_none_match_hits, not_modified, parse_accept
+from dicomweb_api.media import conditional_headers, etag_for, if_none_match_hits, not_modified
 from dicomweb_api.pixels import (
     PALETTE_DATA_TAGS,
     PIXEL_DATA_TAGS,

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import shutil
 import tempfile
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, Final
 
@@ -44,6 +43,7 @@ from dicomweb_api.accept import (
     syntax_for_instance,
 )
 from dicomweb_api.context import ApiContext, get_context
+from dicomweb_api.media import etag, if_none_match_hits, not_modified
 from dicomweb_api.multipart import MultipartWriter
 from dicomweb_api.security import Permission, Principal, require
 from dicomweb_api.security.audit import audited, study_objects
@@ -59,7 +59,7 @@ from pacs_common.query import (
 )
 from pacs_common.storage import ObjectStorage
 
-__all__ = ["create_router", "etag", "if_none_match_hits"]
+__all__ = ["create_router"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,32 +88,6 @@ WHERE st.study_instance_uid = $1
   AND ($3::text IS NULL OR i.sop_instance_uid = $3)
 ORDER BY i.sop_instance_uid
 """
-
-
-def etag(parts: Iterable[str]) -> str:
-    """A strong ETag over ``parts`` (content hashes and whatever else shapes the body)."""
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part.encode())
-        digest.update(b"\n")
-    return f'"{digest.hexdigest()[:40]}"'
-
-
-def if_none_match_hits(header: str | None, current: str) -> bool:
-    """Whether ``If-None-Match`` names ``current`` (or is ``*``); weak tags compare equal (RFC 9110 13.1.2)."""
-    if not header:
-        return False
-    for candidate in header.split(","):
-        tag = candidate.strip()
-        if tag == "*":
-            return True
-        if tag.removeprefix("W/") == current:
-            return True
-    return False
-
-
-def _not_modified(tag: str) -> Response:
-    return Response(status_code=304, headers={"ETag": tag, **CORP_HEADERS})
 
 
 def _identifier(study: str, series: str | None, instance: str | None) -> tuple[QueryLevel, dict[str, Any]]:
@@ -252,7 +226,7 @@ async def _retrieve_instances(
         plan.append((found, syntax))
     tag = etag(f"{i.sop_instance_uid}:{i.location.sha256}:{syntax}" for i, syntax in plan)
     if if_none_match_hits(request.headers.get("if-none-match"), tag):
-        return _not_modified(tag)
+        return not_modified(tag)
     writer = MultipartWriter(DICOM)
     headers = {"ETag": tag, "Vary": "Accept", **CORP_HEADERS}
     return StreamingResponse(
@@ -312,7 +286,7 @@ async def _instance_metadata(
             raise HTTPException(status_code=404, detail="no instance matches")
         tag = etag([base, *(f"{r['sop_instance_uid']}:{r['content_sha256']}" for r in versions)])
         if if_none_match_hits(request.headers.get("if-none-match"), tag):
-            return _not_modified(tag)
+            return not_modified(tag)
         rows = await connection.fetch(_METADATA_SQL, study, series, instance)
     body = await asyncio.to_thread(_render_metadata, list(rows), base)
     return Response(body, media_type=DICOM_JSON, headers={"ETag": tag, **CORP_HEADERS})
