@@ -16,11 +16,12 @@ from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from starlette.types import Message, Receive, Scope, Send
 
 from dicomweb_api.app import create_app
 from dicomweb_api.context import ApiContext
 from dicomweb_api.security import Principal, Role
-from dicomweb_api.security.audit import http_actor, query_objects
+from dicomweb_api.security.audit import PENDING_AUDIT, AuditAfterResponse, http_actor, query_objects
 from dicomweb_api.testing import HeaderAuthenticator, Store, StoredInstance, part10_bytes
 from pacs_common.audit import AuditEvent, AuditLog, AuditOutcome, AuditQuery, AuditSettings
 
@@ -258,3 +259,26 @@ def test_query_objects_name_exact_patients_and_studies_only() -> None:
         ("study", "1.2.4"),
     ]
     assert objects[0].type == "query" and objects[0].query is not None
+
+
+async def test_audit_writes_wait_until_the_response_is_sent() -> None:
+    """A viewer fetching frames never waits for the audit trail."""
+    order: list[str] = []
+
+    async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        async def write() -> None:
+            order.append("audit written")
+
+        scope["state"][PENDING_AUDIT].append(write)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"frame", "more_body": False})
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            order.append("response sent")
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    await AuditAfterResponse(endpoint)({"type": "http", "path": "/"}, receive, send)
+    assert order == ["response sent", "audit written"]

@@ -18,6 +18,7 @@ from dicomweb_api import delete, qido, rendered, stow, wado
 from dicomweb_api.api import routes as api_routes
 from dicomweb_api.context import ApiContext
 from dicomweb_api.security import Authenticator
+from dicomweb_api.security.audit import AuditAfterResponse
 from dicomweb_api.security.routes import create_security_router
 from pacs_common.audit import AuditLog
 from pacs_common.telemetry import create_observability_app
@@ -49,6 +50,8 @@ def create_app(
         app.include_router(module.create_router(), prefix=DICOMWEB_PREFIX)
     app.include_router(api_routes.create_router(), prefix=API_PREFIX)
     app.include_router(create_security_router(), prefix=API_PREFIX)
+    # Audit events are written after the response went out.
+    app.add_middleware(AuditAfterResponse)
     settings = context.settings
     if settings.cors_allowed_origins:
         app.add_middleware(

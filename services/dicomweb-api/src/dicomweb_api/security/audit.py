@@ -7,12 +7,13 @@ DICOMweb / REST request leaves once its outcome is known.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Final
 
 from fastapi import Depends, HTTPException, Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dicomweb_api.security.dependencies import Principal
 from pacs_common.audit import (
@@ -26,6 +27,7 @@ from pacs_common.audit import (
 from pacs_common.audit.models import ObjectType
 
 __all__ = [
+    "AuditAfterResponse",
     "AuditScope",
     "InstancesAccessed",
     "StudyDeleted",
@@ -133,22 +135,57 @@ async def audited(
         raise
     finally:
         if audit is not None:
-            try:
-                await audit.record(
-                    event,
-                    action,
-                    scope.outcome if scope.outcome is not None else outcome,
-                    actor=http_actor(None, request),
-                    objects=scope.objects,
-                    details=scope.details,
-                    resolve_patients=True,
-                )
-            except Exception as exc:
-                logger.error(
-                    "audit event not written: %s",
-                    exc,
-                    extra={"event_id": event.value, "path": request.url.path},
-                )
+            final = scope.outcome if scope.outcome is not None else outcome
+            actor = http_actor(None, request)
+
+            async def write() -> None:
+                try:
+                    await audit.record(
+                        event,
+                        action,
+                        final,
+                        actor=actor,
+                        objects=scope.objects,
+                        details=scope.details,
+                        resolve_patients=True,
+                    )
+                except Exception as exc:
+                    logger.error(
+                        "audit event not written: %s",
+                        exc,
+                        extra={"event_id": event.value, "path": request.url.path},
+                    )
+
+            pending: list[Callable[[], Awaitable[None]]] | None = getattr(request.state, PENDING_AUDIT, None)
+            if pending is None:  # no AuditAfterResponse middleware: write now
+                await write()
+            else:
+                pending.append(write)
+
+
+#: ``request.state`` attribute holding the audit writes of a request.
+PENDING_AUDIT: Final = "pending_audit"
+
+
+class AuditAfterResponse:
+    """ASGI middleware: the audit events of a request (patient lookup and
+    insert) are written once the response has been sent, so no client —
+    a viewer fetching hundreds of frames — waits for the audit trail."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        pending: list[Callable[[], Awaitable[None]]] = []
+        scope.setdefault("state", {})[PENDING_AUDIT] = pending
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            for write in pending:
+                await write()
 
 
 # Q/R Study Root C-FIND: the SOP class a QIDO-RS query stands for.
