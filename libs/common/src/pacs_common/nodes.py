@@ -31,6 +31,7 @@ __all__ = [
     "RemoteNodeCreate",
     "RemoteNodeRepository",
     "RemoteNodeUpdate",
+    "echo",
     "tls_client_context",
 ]
 
@@ -210,3 +211,34 @@ def tls_client_context(
     if cert_file is not None:
         context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
     return context
+
+
+VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+
+
+def echo(
+    node: RemoteNode, *, calling_ae_title: str, timeout: float, ssl_context: ssl.SSLContext | None
+) -> tuple[bool, str]:
+    """C-ECHO ``node``; (answered with success, what happened)."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    ae.add_requested_context(VERIFICATION_SOP_CLASS)
+    tls_args = (ssl_context, node.host) if ssl_context is not None else None
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, tls_args=tls_args)
+    if assoc.is_rejected:
+        primitive = assoc.acceptor.primitive
+        reason = getattr(primitive, "reason_str", "") if primitive is not None else ""
+        return False, f"association rejected: {reason or 'no reason given'}"
+    if not assoc.is_established:
+        return False, "no association (node unreachable, aborted or timed out)"
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if "Status" not in status:
+        return False, "no C-ECHO response"
+    code = int(status.Status)
+    return code == 0x0000, f"status 0x{code:04X}" + (" (success)" if code == 0 else "")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +27,7 @@ from pacs_common.nodes import (
     RemoteNodeCreate,
     RemoteNodeRepository,
     RemoteNodeUpdate,
+    echo,
     tls_client_context,
 )
 from pacs_common.settings import DatabaseSettings
@@ -36,7 +36,6 @@ T = TypeVar("T")
 
 DEFAULT_CALLING_AE = "PACS"
 #: Verification SOP Class.
-_VERIFICATION = "1.2.840.10008.1.1"
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -235,34 +234,6 @@ def run_echo(args: argparse.Namespace) -> int:
         raise CliError(f"C-ECHO {calling} -> {node.ae_title} at {node.host}:{node.port}: {message}")
     print(f"C-ECHO {calling} -> {node.ae_title} at {node.host}:{node.port}: {message}")
     return 0
-
-
-def echo(
-    node: RemoteNode, *, calling_ae_title: str, timeout: float, ssl_context: ssl.SSLContext | None
-) -> tuple[bool, str]:
-    """C-ECHO ``node``; (answered with success, what happened)."""
-    from pynetdicom import AE
-
-    ae = AE(ae_title=calling_ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.connection_timeout = timeout
-    ae.add_requested_context(_VERIFICATION)
-    tls_args = (ssl_context, node.host) if ssl_context is not None else None
-    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, tls_args=tls_args)
-    if assoc.is_rejected:
-        primitive = assoc.acceptor.primitive
-        reason = getattr(primitive, "reason_str", "") if primitive is not None else ""
-        return False, f"association rejected: {reason or 'no reason given'}"
-    if not assoc.is_established:
-        return False, "no association (node unreachable, aborted or timed out)"
-    try:
-        status = assoc.send_c_echo()
-    finally:
-        assoc.release()
-    if "Status" not in status:
-        return False, "no C-ECHO response"
-    code = int(status.Status)
-    return code == 0x0000, f"status 0x{code:04X}" + (" (success)" if code == 0 else "")
 
 
 def _gateway_ae_title() -> str:

@@ -16,7 +16,6 @@ from pydantic import ValidationError
 from dicomweb_api.api.models import EchoRequest, EchoResult
 from dicomweb_api.context import ApiContext, get_context
 from dicomweb_api.security import Permission, require
-from pacs_common.cli.nodes import echo
 from pacs_common.nodes import (
     NodeExistsError,
     NodeNotFoundError,
@@ -24,6 +23,7 @@ from pacs_common.nodes import (
     RemoteNodeCreate,
     RemoteNodeRepository,
     RemoteNodeUpdate,
+    echo,
     tls_client_context,
 )
 from pacs_common.settings import GatewaySettings
