@@ -25,6 +25,7 @@ from typing import Annotated, Any, Final
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 
+from dicomweb_api.accept import DICOM, DICOM_JSON
 from dicomweb_api.context import ApiContext, get_context
 from dicomweb_api.multipart_reader import (
     BodyTooLargeError,
@@ -44,12 +45,10 @@ from pacs_common.messaging.models import IngestSource
 from pacs_common.receiving import inspect_part10
 from pacs_common.storage.base import StorageError
 
-__all__ = ["DICOM_JSON", "FailureReason", "create_router"]
+__all__ = ["FailureReason", "create_router"]
 
 logger = logging.getLogger(__name__)
 
-DICOM_JSON: Final = "application/dicom+json"
-APPLICATION_DICOM: Final = "application/dicom"
 # Instances are stored (written and published) this many at a time.
 _STORE_CONCURRENCY: Final = 4
 
@@ -140,10 +139,8 @@ class _PartStorer:
 
     def store(self, part: SpooledPart) -> _Outcome:
         """Blocking: run in a worker thread."""
-        if part.content_type not in (None, APPLICATION_DICOM):
-            return _Failed(
-                FailureReason.CANNOT_UNDERSTAND, f"part of type {part.content_type}, not {APPLICATION_DICOM}"
-            )
+        if part.content_type not in (None, DICOM):
+            return _Failed(FailureReason.CANNOT_UNDERSTAND, f"part of type {part.content_type}, not {DICOM}")
         identity: DatasetIdentity | None = None
         try:
             identity, _ = inspect_part10(part.path)
@@ -221,7 +218,7 @@ async def _store_request(
 ) -> Response:
     settings = context.settings
     try:
-        boundary = boundary_of(request.headers.get("content-type"), frozenset({APPLICATION_DICOM}))
+        boundary = boundary_of(request.headers.get("content-type"), frozenset({DICOM}))
     except UnsupportedMediaTypeError as exc:
         raise HTTPException(status_code=415, detail=str(exc)) from exc
     except MalformedMultipartError as exc:
