@@ -44,10 +44,17 @@ def running_system(
     *,
     gateways: int = 1,
     workers: int = 1,
+    hsm_migrators: int = 0,
+    prefetch_schedulers: int = 0,
+    ai_connectors: int = 0,
     throwaway_infra: bool = False,
     extra_env: Mapping[str, str] | None = None,
 ) -> Iterator[LocalSystem]:
-    """The whole PACS as processes; torn down (database and queues included) on exit."""
+    """The whole PACS as processes; torn down (database and queues included) on exit.
+
+    The background services (hsm-migrator, prefetch-scheduler, ai-connector)
+    start only where a test asks for them: the others test the front doors
+    and would only pay for their start-up."""
     tag = uuid.uuid4().hex[:10]
     database_url = None if throwaway_infra else f"{SERVER_DB_URL}/pacs_e2e_{tag}"
     broker_url = None if throwaway_infra else SERVER_AMQP_URL
@@ -56,6 +63,9 @@ def running_system(
         base,
         gateways=gateways,
         workers=workers,
+        hsm_migrators=hsm_migrators,
+        prefetch_schedulers=prefetch_schedulers,
+        ai_connectors=ai_connectors,
         database_url=database_url,
         broker_url=broker_url,
         namespace=namespace,

@@ -37,6 +37,9 @@ class JobKind(StrEnum):
     MIGRATION = "migration"
     AI = "ai"
     EXPORT = "export"
+    RESTORE = "restore"
+    FORWARD = "forward"
+    MAINTENANCE = "maintenance"
 
 
 class JobState(StrEnum):

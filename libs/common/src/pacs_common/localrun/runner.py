@@ -90,9 +90,13 @@ GATEWAY = ServiceKind("gateway", "dimse-gateway", "dimse_gateway", "PACS_GATEWAY
 WORKER = ServiceKind("worker", "ingest-worker", "ingest_worker", "PACS_WORKER_HTTP_PORT")
 QUERY = ServiceKind("query", "query-service", "query_service", "PACS_QUERY_HTTP_PORT")
 DICOMWEB = ServiceKind("dicomweb", "dicomweb-api", "dicomweb_api", "PACS_DICOMWEB_HTTP_PORT")
+HSM = ServiceKind("hsm", "hsm-migrator", "hsm_migrator", "PACS_HSM_HTTP_PORT")
+PREFETCH = ServiceKind("prefetch", "prefetch-scheduler", "prefetch_scheduler", "PACS_PREFETCH_HTTP_PORT")
+AI = ServiceKind("ai", "ai-connector", "ai_connector", "PACS_AI_HTTP_PORT")
 # Front doors first: on the way down they stop taking work before workers go;
-# the query-service last, since the front doors query it until they stop.
-SERVICE_KINDS: tuple[ServiceKind, ...] = (GATEWAY, DICOMWEB, WORKER, QUERY)
+# the background services next, then the ingest worker; the query-service
+# last, since the others query it until they stop.
+SERVICE_KINDS: tuple[ServiceKind, ...] = (GATEWAY, DICOMWEB, HSM, PREFETCH, AI, WORKER, QUERY)
 
 
 @dataclass
@@ -220,6 +224,9 @@ class LocalSystem:
         workers: int = 1,
         query_services: int = 1,
         dicomweb_services: int = 1,
+        hsm_migrators: int = 1,
+        prefetch_schedulers: int = 1,
+        ai_connectors: int = 1,
         database_url: str | None = None,
         broker_url: str | None = None,
         namespace: str | None = None,
@@ -235,7 +242,8 @@ class LocalSystem:
         stop_grace: float = DEFAULT_STOP_GRACE_SECONDS,
         out: TextIO | None = sys.stdout,
     ) -> None:
-        if min(gateways, workers, query_services, dicomweb_services) < 0:
+        counts = (gateways, workers, query_services, dicomweb_services, hsm_migrators, prefetch_schedulers)
+        if min(*counts, ai_connectors) < 0:
             raise ValueError("service counts must be >= 0")
         self.project_dir = Path(project_dir or Path.cwd()).absolute()
         self.pacs_dir = self.project_dir / ".pacs"
@@ -246,6 +254,9 @@ class LocalSystem:
             WORKER.key: workers,
             QUERY.key: query_services,
             DICOMWEB.key: dicomweb_services,
+            HSM.key: hsm_migrators,
+            PREFETCH.key: prefetch_schedulers,
+            AI.key: ai_connectors,
         }
         self._database_url_arg = database_url
         self._broker_url_arg = broker_url
@@ -556,6 +567,9 @@ class LocalSystem:
             "PACS_WORKER_HTTP_HOST": LOCALHOST,
             "PACS_QUERY_HTTP_HOST": LOCALHOST,
             "PACS_DICOMWEB_HTTP_HOST": LOCALHOST,
+            "PACS_HSM_HTTP_HOST": LOCALHOST,
+            "PACS_PREFETCH_HTTP_HOST": LOCALHOST,
+            "PACS_AI_HTTP_HOST": LOCALHOST,
         }
         for key, value in defaults.items():
             env.setdefault(key, value)
@@ -606,10 +620,16 @@ class LocalSystem:
                 services.append(ServiceProcess(kind, index, http_port, log_path, env))
         # Gateways and dicomweb-api reach the (first) query-service unless told otherwise.
         query = next((s for s in services if s.kind is QUERY), None)
-        for variable in ("PACS_GATEWAY_QUERY_URL", "PACS_DICOMWEB_QUERY_URL"):
+        for variable in ("PACS_GATEWAY_QUERY_URL", "PACS_DICOMWEB_QUERY_URL", "PACS_PREFETCH_QUERY_URL"):
             if query is not None and variable not in self.extra_env:
                 for service in services:
                     service.env[variable] = query.base_url
+        # The ai-connector hands inference services the DICOMweb URLs of a
+        # study and stores their results over STOW-RS: the (first) dicomweb-api.
+        dicomweb = next((s for s in services if s.kind is DICOMWEB), None)
+        if dicomweb is not None and "PACS_AI_DICOMWEB_URL" not in self.extra_env:
+            for service in services:
+                service.env["PACS_AI_DICOMWEB_URL"] = dicomweb.base_url
         return services
 
     def _check_ports(self) -> None:

@@ -6,15 +6,19 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from dicomweb_api.api import (
+    ai,
     archive,
     clinical,
     deletion,
+    hsm,
     jobs,
     key_images,
     locks,
     nodes,
+    prefetch,
     routing_rules,
     system,
+    tasks,
     worklist,
 )
 from dicomweb_api.api.deidentify import create_router as create_deidentify_router
@@ -33,6 +37,10 @@ def create_router() -> APIRouter:
         key_images,
         jobs,
         routing_rules,
+        hsm,
+        prefetch,
+        tasks,
+        ai,
     ):
         router.include_router(module.create_router())
     router.include_router(create_deidentify_router())

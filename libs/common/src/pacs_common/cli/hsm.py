@@ -1,0 +1,9 @@
+"""``pacs hsm``: (being written)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Registers nothing yet."""

@@ -1,0 +1,1 @@
+"""The ai-connector: sends stable studies chosen by rules to inference services and stores their results."""
