@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class DatabaseSettings(BaseSettings):
@@ -56,6 +56,42 @@ class StorageBackendKind(StrEnum):
     FILESYSTEM = "filesystem"
     S3 = "s3"
     AZURE = "azure"
+
+
+class StorageTiersSettings(BaseSettings):
+    """Which storage tiers the deployment has (``PACS_STORAGE_TIERS``).
+
+    ``hot,warm,cold`` (or a JSON list): each is configured by its own
+    ``PACS_STORAGE_<TIER>_*`` variables.  Receivers write to ``hot``; every
+    reader opens all of them, because the index may point an instance at any.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="PACS_STORAGE_", extra="ignore")
+
+    tiers: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["hot"], min_length=1)
+
+    @field_validator("tiers", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("tiers")
+    @classmethod
+    def _hot_first(cls, value: list[str]) -> list[str]:
+        names = list(dict.fromkeys(name.lower() for name in value))
+        for name in names:
+            if not name.isidentifier():
+                raise ValueError(f"storage tier name {name!r}: letters, digits and _ only")
+        if "hot" not in names:
+            raise ValueError("PACS_STORAGE_TIERS must include hot (receivers write there)")
+        return ["hot", *(name for name in names if name != "hot")]
 
 
 class StorageTierSettings(BaseSettings):
