@@ -1,0 +1,5 @@
+"""``python -m hsm_migrator``."""
+
+from hsm_migrator.main import main
+
+main()
