@@ -1,0 +1,3 @@
+from ai_connector.main import main
+
+main()

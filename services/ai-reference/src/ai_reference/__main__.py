@@ -1,0 +1,3 @@
+from ai_reference.main import main
+
+main()
