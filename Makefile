@@ -12,7 +12,7 @@ help:
 	@echo "make run     install everything and start the whole PACS as local processes"
 	@echo "make test    run the whole test suite (unit, integration, end-to-end)"
 	@echo "make lint    ruff + mypy"
-	@echo "make bench   throughput/CPU/memory figures (C-STORE; vs Orthanc and DCMTK where installed)"
+	@echo "make bench   figures: C-STORE, query/retrieve, DICOMweb (vs Orthanc and DCMTK), tier migration, prefetch"
 
 install:
 	@deploy/local/bootstrap.sh

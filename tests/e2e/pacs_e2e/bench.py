@@ -12,7 +12,12 @@ Then the query/retrieve benchmark (:mod:`pacs_e2e.bench_query`: C-FIND and
 query-service latency over a synthesized index, C-MOVE throughput).
 Then the DICOMweb benchmark (:mod:`pacs_e2e.bench_dicomweb`: STOW-RS, QIDO-RS
 over a synthesized index, WADO-RS, side by side with Orthanc's DICOMweb
-plugin).  ``--only store`` / ``query`` / ``dicomweb`` runs one of the three.
+plugin).
+Then the background services: storage tier migration throughput hot → warm
+(S3) → cold (Azure Archive) (:mod:`pacs_e2e.bench_hsm`) and prior prefetch
+latency from a worklist item to priors queryable, with Orthanc as the remote
+PACS (:mod:`pacs_e2e.bench_prefetch`).
+``--only store`` / ``query`` / ``dicomweb`` / ``hsm`` / ``prefetch`` runs one of them.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pathlib import Path
 
 from pacs_common.localrun.infra import find_free_port
 from pacs_common.localrun.runner import LocalSystem
-from pacs_e2e import bench_dicomweb, bench_query
+from pacs_e2e import bench_dicomweb, bench_hsm, bench_prefetch, bench_query
 from pacs_e2e.corpus import write_ct_series
 from pacs_e2e.dcmtk import DCMTK_ENV, dcmtk_available, echoscu, tool
 from pacs_e2e.index import IndexReader
@@ -276,8 +281,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-compare", action="store_true", help="skip Orthanc and storescp")
     parser.add_argument(
         "--only",
-        choices=("store", "query", "dicomweb"),
-        help="run only the C-STORE, the query/retrieve or the DICOMweb benchmark",
+        choices=("store", "query", "dicomweb", "hsm", "prefetch"),
+        help="run only the C-STORE, query/retrieve, DICOMweb, tier migration or prefetch benchmark",
     )
     bench_query.add_arguments(parser)
     bench_dicomweb.add_arguments(parser)
@@ -301,6 +306,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             workers=args.workers,
             compare=not args.no_compare,
         )
+    if args.only in (None, "hsm"):
+        bench_hsm.main([])
+    if args.only in (None, "prefetch"):
+        bench_prefetch.main([])
 
 
 def _store_bench(args: argparse.Namespace) -> None:
