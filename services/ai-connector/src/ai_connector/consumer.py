@@ -37,7 +37,7 @@ Handler = Callable[[StudyStable], Awaitable[None]]
 
 
 def ai_queue_name(broker: Broker) -> str:
-    return f"{broker.topology.namespace}ai"
+    return broker.topology.ai_queue
 
 
 class StableEventConsumer:

@@ -87,6 +87,20 @@ class Topology:
     def events_unrouted_queue(self) -> str:
         return f"{self.namespace}events.unrouted"
 
+    # Subscribers of the events exchange: each background service declares
+    # and binds its own queue when it starts; named here so that tearing a
+    # namespace down removes them too.
+
+    @property
+    def forwarding_queue(self) -> str:
+        """``instance.stored`` / ``study.stable`` for the routing forwarder."""
+        return f"{self.namespace}forwarding"
+
+    @property
+    def ai_queue(self) -> str:
+        """``study.stable`` for the ai-connector."""
+        return f"{self.namespace}ai"
+
     @property
     def queues(self) -> tuple[str, ...]:
         return (
@@ -94,6 +108,8 @@ class Topology:
             *self.retry_queues,
             self.dead_letter_queue,
             self.events_unrouted_queue,
+            self.forwarding_queue,
+            self.ai_queue,
         )
 
     @property
