@@ -97,6 +97,10 @@ AI = ServiceKind("ai", "ai-connector", "ai_connector", "PACS_AI_HTTP_PORT")
 # the background services next, then the ingest worker; the query-service
 # last, since the others query it until they stop.
 SERVICE_KINDS: tuple[ServiceKind, ...] = (GATEWAY, DICOMWEB, HSM, PREFETCH, AI, WORKER, QUERY)
+# HTTP ports count up from the base in this order, so that the ports of the
+# front doors and the worker stay where they were before the background
+# services came (gateway 8081, worker 8082, query-service 8083, …).
+_PORT_ORDER: tuple[ServiceKind, ...] = (GATEWAY, WORKER, QUERY, PREFETCH, HSM, AI)
 
 
 @dataclass
@@ -587,25 +591,30 @@ class LocalSystem:
             env["PACS_STORAGE_HOT_PATH"] = str(data_dir / "hot")
             env["PACS_GATEWAY_SPOOL_DIR"] = str(data_dir / "spool")
             env["PACS_DICOMWEB_SPOOL_DIR"] = str(data_dir / "spool")
+            env["PACS_AI_SPOOL_DIR"] = str(data_dir / "spool")
         env.update(self.extra_env)
         return env
 
     def _plan_services(self) -> list[ServiceProcess]:
         services: list[ServiceProcess] = []
+        installed = {kind.key for kind in SERVICE_KINDS if kind.installed()}
+        ports: dict[str, list[int]] = {}
         port = self._http_port_base
+        for kind in _PORT_ORDER:
+            count = self.counts.get(kind.key, 1) if kind.key in installed else 0
+            ports[kind.key] = list(range(port, port + count)) if port else []
+            port = port + count if port else 0
+        if self._http_port_base:
+            # The HTTP API users and viewers reach: its own well-known port.
+            ports[DICOMWEB.key] = [self._dicomweb_port + i for i in range(self.counts.get(DICOMWEB.key, 1))]
         for kind in SERVICE_KINDS:
             count = self.counts.get(kind.key, 1)
-            if count and not kind.installed():
+            if count and kind.key not in installed:
                 self._say(f"{kind.label}: not installed (no module {kind.module}); skipped")
                 continue
             for index in range(count):
-                if kind is DICOMWEB and port:
-                    # The HTTP API users and viewers reach: its own well-known port.
-                    http_port = self._dicomweb_port + index
-                else:
-                    http_port = port or find_free_port()
-                    if port:
-                        port += 1
+                planned = ports.get(kind.key, [])
+                http_port = planned[index] if index < len(planned) else find_free_port()
                 name = f"{kind.key}-{index}"
                 env = {
                     **self._env,
@@ -620,12 +629,12 @@ class LocalSystem:
                 services.append(ServiceProcess(kind, index, http_port, log_path, env))
         # Gateways and dicomweb-api reach the (first) query-service unless told otherwise.
         query = next((s for s in services if s.kind is QUERY), None)
-        for variable in ("PACS_GATEWAY_QUERY_URL", "PACS_DICOMWEB_QUERY_URL", "PACS_PREFETCH_QUERY_URL"):
+        for variable in ("PACS_GATEWAY_QUERY_URL", "PACS_DICOMWEB_QUERY_URL"):
             if query is not None and variable not in self.extra_env:
                 for service in services:
                     service.env[variable] = query.base_url
         # The ai-connector hands inference services the DICOMweb URLs of a
-        # study and stores their results over STOW-RS: the (first) dicomweb-api.
+        # study: those of the (first) dicomweb-api.
         dicomweb = next((s for s in services if s.kind is DICOMWEB), None)
         if dicomweb is not None and "PACS_AI_DICOMWEB_URL" not in self.extra_env:
             for service in services:
