@@ -43,7 +43,7 @@ from dicomweb_api.pixels import (
 from dicomweb_api.ranges import ByteRange, RangeNotSatisfiableError, parse_range
 from dicomweb_api.security import Permission, Principal, require
 from dicomweb_api.security.audit import InstancesAccessed
-from dicomweb_api.stored import find_instance, run_blocking, storage_of
+from dicomweb_api.stored import check_online, find_instance, restoring, run_blocking, storage_of
 from pacs_common.dicom.transcode import can_decode
 from pacs_common.storage import ObjectStorage
 
@@ -204,14 +204,17 @@ def create_router() -> APIRouter:
         etag = etag_for(stored.content_sha256, "frames", numbers, choice)
         if if_none_match_hits(request.headers.get("if-none-match"), etag):
             return not_modified(etag)
+        await check_online(context, [(stored.sop_instance_uid, stored.availability)])
         storage = storage_of(context.storage, stored)
         batches = [numbers[i : i + _FRAMES_PER_READ] for i in range(0, len(numbers), _FRAMES_PER_READ)]
         try:
             first = await run_blocking(
-                partial(_frame_payloads, storage, stored.key, info, batches[0], choice)
+                partial(_frame_payloads, storage, stored.key, info, batches[0], choice),
+                archived=lambda: restoring(context, [stored.sop_instance_uid]),
             )
         except UnsupportedPixelDataError as exc:
             raise HTTPException(status_code=406, detail=str(exc)) from exc
+        context.record_access(stored.study_instance_uid, [stored.sop_instance_uid])
         headers = conditional_headers(etag)
         if not choice.multipart:
             return Response(first[0], media_type=choice.content_type, headers=headers)
@@ -272,6 +275,7 @@ def create_router() -> APIRouter:
         etag = etag_for(stored.content_sha256, "bulkdata", path, multipart)
         if if_none_match_hits(request.headers.get("if-none-match"), etag):
             return not_modified(etag)
+        await check_online(context, [(stored.sop_instance_uid, stored.availability)])
         storage = storage_of(context.storage, stored)
         range_header = request.headers.get("range")
 
@@ -286,7 +290,9 @@ def create_router() -> APIRouter:
             )
 
         try:
-            data, wanted = await run_blocking(payload)
+            data, wanted = await run_blocking(
+                payload, archived=lambda: restoring(context, [stored.sop_instance_uid])
+            )
         except RangeNotSatisfiableError as exc:
             total = value.length if value.length is not None else "*"
             raise HTTPException(
@@ -294,6 +300,7 @@ def create_router() -> APIRouter:
                 detail=f"range not satisfiable: {exc}",
                 headers={"Content-Range": f"bytes */{total}"},
             ) from exc
+        context.record_access(stored.study_instance_uid, [stored.sop_instance_uid])
         headers = conditional_headers(etag) | {"Accept-Ranges": "bytes"}
         status = 200
         part_headers: tuple[tuple[str, str], ...] = ()

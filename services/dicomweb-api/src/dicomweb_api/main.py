@@ -14,12 +14,16 @@ from dicomweb_api.context import ApiContext
 from dicomweb_api.security.authentication import build_authenticator
 from dicomweb_api.security.settings import AuthSettings
 from dicomweb_api.settings import DicomwebSettings
+from pacs_common.archive.access import AsyncAccessRecorder
+from pacs_common.archive.metrics import RestoreMetrics
+from pacs_common.archive.requests import RestoreRequester
+from pacs_common.archive.settings import AccessSettings, RestoreSettings
 from pacs_common.audit import AuditLog, AuditSettings
 from pacs_common.db.pool import create_pool
 from pacs_common.messaging.blocking import BlockingPublisher
 from pacs_common.query import AsyncQueryClient
 from pacs_common.receiving import InstanceReceiver
-from pacs_common.settings import BrokerSettings, DatabaseSettings, TelemetrySettings
+from pacs_common.settings import BrokerSettings, DatabaseSettings, StorageTiersSettings, TelemetrySettings
 from pacs_common.startup import install_stop_signals, until_connected
 from pacs_common.storage import StorageRegistry
 from pacs_common.telemetry import configure_logging, configure_tracing, serve_http
@@ -40,18 +44,31 @@ async def run(
     )
     if pool is None:
         return
-    storage = StorageRegistry.from_settings((HOT_TIER,))
+    # Every tier: the index may point an instance at any of them.
+    storage = StorageRegistry.from_settings(StorageTiersSettings().tiers)
+    access = AsyncAccessRecorder(pool, AccessSettings())
     publisher = BlockingPublisher(broker_settings)
     query = AsyncQueryClient(settings.query_url, timeout_seconds=settings.query_timeout_seconds)
     try:
         await asyncio.to_thread(publisher.start)
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
         receiver = InstanceReceiver(storage.get(HOT_TIER), HOT_TIER, publisher.publish_ingest)
-        context = ApiContext(settings=settings, pool=pool, query=query, storage=storage, receiver=receiver)
+        registry = CollectorRegistry()
+        context = ApiContext(
+            settings=settings,
+            pool=pool,
+            query=query,
+            storage=storage,
+            receiver=receiver,
+            access=access,
+            restores=RestoreRequester(pool, requested_by=SERVICE, metrics=RestoreMetrics(registry)),
+            retry_after_seconds=RestoreSettings().retry_after_seconds,
+        )
         auth_settings = AuthSettings()
         audit = AuditLog(pool, AuditSettings())
         authenticator = await build_authenticator(pool, auth_settings, audit)
-        app = create_app(context, authenticator, CollectorRegistry(), audit)
+        app = create_app(context, authenticator, registry, audit)
+        access.start()
         server = await serve_http(app, settings.http_host, settings.http_port)
         logger.info("dicomweb-api listening", extra={"port": settings.http_port})
         try:
@@ -61,6 +78,7 @@ async def run(
             await asyncio.sleep(0)
             await audit.aclose()
     finally:
+        await access.aclose()  # the last accesses are written
         await query.aclose()
         await asyncio.to_thread(publisher.stop)
         storage.close()

@@ -42,7 +42,7 @@ from dicomweb_api.pixels import (
 )
 from dicomweb_api.security import Permission, require
 from dicomweb_api.security.audit import instances_accessed
-from dicomweb_api.stored import find_instance, run_blocking, storage_of
+from dicomweb_api.stored import check_online, find_instance, restoring, run_blocking, storage_of
 
 __all__ = ["THUMBNAIL_SIZE", "create_router", "parse_render_params"]
 
@@ -142,6 +142,7 @@ async def _rendered(
     etag = etag_for(stored.content_sha256, "rendered", frame, params)
     if if_none_match_hits(request.headers.get("if-none-match"), etag):
         return not_modified(etag)
+    await check_online(context, [(stored.sop_instance_uid, stored.availability)])
     storage = storage_of(context.storage, stored)
 
     def render() -> bytes:
@@ -152,9 +153,10 @@ async def _rendered(
         return render_image(info, pixels, params)
 
     try:
-        image = await run_blocking(render)
+        image = await run_blocking(render, archived=lambda: restoring(context, [stored.sop_instance_uid]))
     except UnsupportedPixelDataError as exc:
         raise HTTPException(status_code=406, detail=str(exc)) from exc
+    context.record_access(stored.study_instance_uid, [stored.sop_instance_uid])
     return Response(image, media_type=params.image_format.value, headers=conditional_headers(etag))
 
 

@@ -1,20 +1,30 @@
 """Finding one stored instance for the pixel and bulk data resources: where
-its object is, its pixel module, and the bulk values asked for.
+its object is, its availability, its pixel module, and the bulk values
+asked for; and what every retrieval answers for an archived instance.
 
 One statement per request, reading only the metadata elements and bulk data
 entries needed (the metadata of a large instance can be big).
+
+An instance the index lists as NEARLINE / OFFLINE, or whose object turns
+out archived when read, is not served: a restore is requested (one restore
+job per instance, see :mod:`pacs_common.archive.requests`) and the answer is
+``503 Service Unavailable`` with ``Retry-After`` and a JSON body naming the
+instances and their restore jobs.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Final, TypeVar
 
 import asyncpg
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict
 
+from dicomweb_api.context import ApiContext
+from pacs_common.archive.requests import RESTORABLE
 from pacs_common.storage import (
     ObjectArchivedError,
     ObjectNotFoundError,
@@ -23,12 +33,25 @@ from pacs_common.storage import (
     StorageRegistry,
 )
 
-__all__ = ["StoredInstance", "find_instance", "run_blocking", "storage_of"]
+__all__ = [
+    "StoredInstance",
+    "check_online",
+    "find_instance",
+    "restoring",
+    "run_blocking",
+    "storage_of",
+]
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+ONLINE: Final = "ONLINE"
 
 _SQL = """
-SELECT i.transfer_syntax_uid,
+SELECT i.sop_instance_uid,
+       st.study_instance_uid,
+       i.availability,
+       i.transfer_syntax_uid,
        i.content_sha256,
        l.tier,
        l.key,
@@ -50,6 +73,10 @@ class StoredInstance(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
+    sop_instance_uid: str
+    study_instance_uid: str
+    # ONLINE | NEARLINE | OFFLINE | UNAVAILABLE
+    availability: str
     transfer_syntax_uid: str
     content_sha256: str
     tier: str
@@ -85,11 +112,58 @@ def storage_of(storage: StorageRegistry, stored: StoredInstance) -> ObjectStorag
         raise HTTPException(status_code=503, detail=str(exc.args[0])) from exc
 
 
-async def run_blocking(function: Callable[[], T]) -> T:
-    """Run storage reads / decoding in a thread, storage failures as HTTP errors."""
+async def restoring(
+    context: ApiContext, sop_instance_uids: Sequence[str], *, found_archived: bool = True
+) -> HTTPException:
+    """Request the restores of these instances; the 503 that says so.
+    ``found_archived``: the storage said so (else the index did)."""
+    jobs: dict[str, int | None] = dict.fromkeys(sop_instance_uids)
+    try:
+        requester = context.restore_requester
+        for ticket in await requester.request(sop_instance_uids, found_archived=found_archived):
+            jobs[ticket.sop_instance_uid] = ticket.job_id
+    except Exception:
+        # The answer is a 503 either way; the next request asks again.
+        logger.exception("restore request failed", extra={"instances": len(sop_instance_uids)})
+    retry_after = context.retry_after_seconds
+    detail = {
+        "message": (
+            f"{len(jobs)} instance(s) are archived (NEARLINE) and not readable until restored; "
+            f"retry in {retry_after} s"
+        ),
+        "availability": "NEARLINE",
+        "retryAfterSeconds": retry_after,
+        "instances": [{"SOPInstanceUID": uid, "restoreJobId": job} for uid, job in jobs.items()],
+    }
+    return HTTPException(status_code=503, detail=detail, headers={"Retry-After": str(retry_after)})
+
+
+async def check_online(context: ApiContext, instances: Iterable[tuple[str, str]]) -> None:
+    """503 (after requesting the restores) when any ``(uid, availability)``
+    is not ONLINE in the index."""
+    offline = [(uid, availability) for uid, availability in instances if availability != ONLINE]
+    if not offline:
+        return
+    restorable = [uid for uid, availability in offline if availability in RESTORABLE]
+    if restorable:
+        raise await restoring(context, restorable, found_archived=False)
+    raise HTTPException(
+        status_code=503,
+        detail=f"instance {offline[0][0]} is {offline[0][1].lower()}",
+        headers={"Retry-After": str(context.retry_after_seconds)},
+    )
+
+
+async def run_blocking(
+    function: Callable[[], T], archived: Callable[[], Awaitable[HTTPException]] | None = None
+) -> T:
+    """Run storage reads / decoding in a thread, storage failures as HTTP
+    errors (an archived object: ``archived()``, which requests its restore)."""
     try:
         return await asyncio.to_thread(function)
     except ObjectArchivedError as exc:
+        if archived is not None:
+            raise await archived() from exc
         raise HTTPException(
             status_code=503, detail=f"the object is archived and must be restored first: {exc}"
         ) from exc

@@ -14,7 +14,14 @@
 
 Both carry an ETag made from the content hashes of the instances (and the
 negotiated syntaxes, or the base URL for metadata); ``If-None-Match`` with it
-answers 304.  404 when nothing matches.  The capabilities description is
+answers 304.  404 when nothing matches.
+
+Archives: before a multipart body starts (it cannot be taken back), an
+instance the index lists NEARLINE / OFFLINE, or whose object on an
+archive-capable tier (S3 GLACIER / DEEP_ARCHIVE, Azure Archive) turns out
+archived when probed, makes the answer ``503`` with ``Retry-After`` after
+its restore was requested (see :mod:`dicomweb_api.stored`).  What is served
+is recorded as accessed (last access, written in the background).  The capabilities description is
 served here too (:mod:`dicomweb_api.capabilities`).
 """
 
@@ -47,7 +54,9 @@ from dicomweb_api.media import etag, if_none_match_hits, not_modified
 from dicomweb_api.multipart import MultipartWriter
 from dicomweb_api.security import Permission, Principal, require
 from dicomweb_api.security.audit import audited, study_objects
+from dicomweb_api.stored import check_online, restoring
 from dicomweb_api.urls import CORP_HEADERS, dicomweb_base, instance_url
+from pacs_common.archive.tiers import may_hold_archived
 from pacs_common.audit import AuditAction, AuditEventId
 from pacs_common.dicom.transcode import transcode_file
 from pacs_common.query import (
@@ -57,13 +66,15 @@ from pacs_common.query import (
     RetrievableInstance,
     RetrieveRequest,
 )
-from pacs_common.storage import ObjectStorage
+from pacs_common.storage import ObjectArchivedError, ObjectStorage, StorageError
 
 __all__ = ["create_router"]
 
 logger = logging.getLogger(__name__)
 
 CHUNK_SIZE: Final = 1024 * 1024
+# Objects on archive-capable tiers probed at once before a response starts.
+_PROBE_CONCURRENCY: Final = 8
 BULK_DATA_URI: Final = "BulkDataURI"
 
 _METADATA_SQL: Final = """
@@ -115,6 +126,51 @@ async def _retrievable(
     if not found:
         raise HTTPException(status_code=404, detail=f"no {level.lower()} matches")
     return found
+
+
+def _storages(context: ApiContext, instances: list[RetrievableInstance]) -> dict[str, ObjectStorage]:
+    """The storage of each instance's tier; 503 when one is not configured here."""
+    storages: dict[str, ObjectStorage] = {}
+    for instance in instances:
+        tier = instance.location.tier
+        if tier not in storages:
+            try:
+                storages[tier] = context.storage.get(tier)
+            except KeyError as exc:
+                raise HTTPException(status_code=503, detail=str(exc.args[0])) from exc
+    return storages
+
+
+def _is_archived(storage: ObjectStorage, key: str) -> bool:
+    try:
+        storage.read_range(key, 0, 1)
+    except ObjectArchivedError:
+        return True
+    except StorageError:
+        return False  # not this check's business: the read reports it
+    return False
+
+
+async def _check_readable(
+    context: ApiContext, instances: list[RetrievableInstance], storages: dict[str, ObjectStorage]
+) -> None:
+    """Before a multipart body starts (it cannot be taken back): instances
+    the index lists as not ONLINE, and objects on archive-capable tiers that
+    turn out archived, answer 503 after their restores were requested."""
+    await check_online(context, ((i.sop_instance_uid, i.availability) for i in instances))
+    probed = [i for i in instances if may_hold_archived(storages[i.location.tier])]
+    if not probed:
+        return
+    limit = asyncio.Semaphore(_PROBE_CONCURRENCY)
+
+    async def archived(instance: RetrievableInstance) -> bool:
+        async with limit:
+            storage = storages[instance.location.tier]
+            return await asyncio.to_thread(_is_archived, storage, instance.location.key)
+
+    flags = await asyncio.gather(*(archived(i) for i in probed))
+    if found := [i.sop_instance_uid for i, flag in zip(probed, flags, strict=True) if flag]:
+        raise await restoring(context, found)
 
 
 def _read_chunk(stream: BinaryIO) -> bytes:
@@ -176,7 +232,11 @@ async def _instance_parts(
                             yield chunk
                 finally:
                     await asyncio.to_thread(shutil.rmtree, directory, True)
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, ObjectArchivedError):
+                # Archived since the check: too late for a 503, but restore it.
+                with contextlib.suppress(Exception):
+                    await context.restore_requester.request([instance.sop_instance_uid])
             # Headers are gone: all that is left is to break the body off.
             logger.exception(
                 "WADO-RS retrieval failed mid-stream",
@@ -227,6 +287,8 @@ async def _retrieve_instances(
     tag = etag(f"{i.sop_instance_uid}:{i.location.sha256}:{syntax}" for i, syntax in plan)
     if if_none_match_hits(request.headers.get("if-none-match"), tag):
         return not_modified(tag)
+    await _check_readable(context, instances, _storages(context, instances))
+    context.record_access(study, [i.sop_instance_uid for i in instances])
     writer = MultipartWriter(DICOM)
     headers = {"ETag": tag, "Vary": "Accept", **CORP_HEADERS}
     return StreamingResponse(
@@ -303,7 +365,12 @@ _RETRIEVE_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
     304: {"description": "Not modified (If-None-Match)"},
     404: {"description": "Nothing matches"},
     406: {"description": "No accepted media type or transfer syntax can be produced"},
-    503: {"description": "The query-service is unavailable"},
+    503: {
+        "description": (
+            "The query-service is unavailable, or instances are archived (NEARLINE): their restores "
+            "were requested, the body names them and Retry-After says when to ask again"
+        )
+    },
 }
 _METADATA_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
     200: {"description": "DICOM JSON of each instance", "content": {DICOM_JSON: {}}},

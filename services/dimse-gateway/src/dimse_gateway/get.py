@@ -6,7 +6,8 @@ association: the requestor proposed storage contexts with SCP/SCU role
 selection (it the SCP, us the SCU), and each instance is sent in its stored
 transfer syntax when one of those contexts accepted it, else converted to
 one that was accepted.  An instance whose SOP class has no such context is a
-failed sub-operation.  Pending responses carry the counts; the final
+failed sub-operation, and so is an archived one (its restore is
+requested).  Pending responses carry the counts; the final
 response is 0x0000 / 0xB000 / 0xA702 / 0xFE00 with the Failed SOP Instance
 UID List.
 """
@@ -24,8 +25,10 @@ from dimse_gateway.audit import DimseAudit
 from dimse_gateway.identifiers import GET_MODELS
 from dimse_gateway.metrics import GatewayMetrics
 from dimse_gateway.sending import (
+    AccessRecords,
     AssociationTarget,
     InstanceFiles,
+    RestoreRequests,
     RetrieveFailedError,
     RetrieveResponder,
     SubOperationCounts,
@@ -51,9 +54,12 @@ class GetHandler:
         files: InstanceFiles,
         metrics: GatewayMetrics,
         audit: DimseAudit | None = None,
+        *,
+        restores: RestoreRequests | None = None,
+        access: AccessRecords | None = None,
     ) -> None:
         self._query = query
-        self._sender = SubOperationSender(files, metrics, OPERATION)
+        self._sender = SubOperationSender(files, metrics, OPERATION, restores=restores, access=access)
         self._metrics = metrics
         self._audit = audit
 

@@ -36,13 +36,23 @@ from dimse_gateway.server import (
 from dimse_gateway.store import StoreHandler
 from dimse_gateway.workflow_contexts import MODALITY_WORKLIST_FIND, add_workflow_contexts
 from dimse_gateway.worklist import WorklistHandler
+from pacs_common.archive.access import ThreadedAccessRecorder
+from pacs_common.archive.metrics import RestoreMetrics
+from pacs_common.archive.requests import BlockingRestoreRequester
+from pacs_common.archive.settings import AccessSettings
 from pacs_common.audit import AuditSettings, BackgroundAuditWriter
 from pacs_common.db.blocking import BlockingPool
 from pacs_common.messaging.blocking import BlockingPublisher
 from pacs_common.nodes import tls_client_context
 from pacs_common.query import QueryClient
 from pacs_common.receiving import InstanceReceiver
-from pacs_common.settings import BrokerSettings, DatabaseSettings, GatewaySettings, TelemetrySettings
+from pacs_common.settings import (
+    BrokerSettings,
+    DatabaseSettings,
+    GatewaySettings,
+    StorageTiersSettings,
+    TelemetrySettings,
+)
 from pacs_common.storage import ObjectStorage, StorageRegistry
 from pacs_common.telemetry import configure_logging, configure_tracing, create_observability_app, serve_http
 from pacs_common.workflow.settings import WorkflowSettings
@@ -117,8 +127,8 @@ def main() -> None:
     configure_tracing(telemetry, SERVICE)
     _configure_pynetdicom(settings)
 
-    tiers = tuple(dict.fromkeys((HOT_TIER, *retrieve_settings.tiers)))
-    storage = StorageRegistry.from_settings(tiers)
+    # Every tier: C-MOVE / C-GET read wherever the index says an instance is.
+    storage = StorageRegistry.from_settings(StorageTiersSettings().tiers)
     publisher = BlockingPublisher(BrokerSettings())
     try:
         publisher.start()
@@ -142,6 +152,11 @@ def main() -> None:
     )
     audit_writer.start()
     audit = DimseAudit(audit_writer, settings.ae_title)
+    # Last access of what C-MOVE / C-GET send: coalesced in memory, written
+    # by a background thread; restores of archived instances they meet.
+    access = ThreadedAccessRecorder(database, AccessSettings())
+    access.start()
+    restores = BlockingRestoreRequester(database, requested_by=SERVICE, metrics=RestoreMetrics(registry))
     receiver = InstanceReceiver(storage.get(HOT_TIER), HOT_TIER, publisher.publish_ingest)
     files = InstanceFiles(storage, settings.spool_dir)
     tls_context = tls_client_context(
@@ -173,8 +188,10 @@ def main() -> None:
             ssl_context_factory=lambda: tls_context,
             audit=audit,
             jobs=MoveJobs(database),
+            restores=restores,
+            access=access,
         ),
-        get=GetHandler(query, files, metrics, audit),
+        get=GetHandler(query, files, metrics, audit, restores=restores, access=access),
     )
     ae = build_ae(settings)
     add_workflow_contexts(ae)
@@ -188,6 +205,7 @@ def main() -> None:
         commitment.close()
         publisher.stop()
         query.close()
+        access.stop()  # writes the last accesses, before the pool closes
         audit_writer.stop()
         database.stop()
         storage.close()

@@ -16,7 +16,8 @@ thread, which
    syntax was accepted, transcoded otherwise), sending a pending response
    with the counts after each, stopping at C-CANCEL;
 5. answers 0x0000 / 0xB000 / 0xA702 / 0xFE00 with the counts and the Failed
-   SOP Instance UID List.
+   SOP Instance UID List (an archived instance is a failed sub-operation
+   whose restore was requested; the others are still sent).
 
 Nothing is loaded into memory beyond one instance being transcoded.
 """
@@ -39,8 +40,10 @@ from dimse_gateway.identifiers import MOVE_MODELS
 from dimse_gateway.jobs import MoveJob, MoveJobs
 from dimse_gateway.metrics import GatewayMetrics
 from dimse_gateway.sending import (
+    AccessRecords,
     AssociationTarget,
     InstanceFiles,
+    RestoreRequests,
     RetrieveFailedError,
     RetrieveResponder,
     RunResult,
@@ -96,11 +99,13 @@ class MoveHandler:
         ssl_context_factory: Callable[[], ssl.SSLContext] | None = None,
         audit: DimseAudit | None = None,
         jobs: MoveJobs | None = None,
+        restores: RestoreRequests | None = None,
+        access: AccessRecords | None = None,
     ) -> None:
         self._settings = settings
         self._query = query
         self._nodes = nodes
-        self._sender = SubOperationSender(files, metrics, OPERATION)
+        self._sender = SubOperationSender(files, metrics, OPERATION, restores=restores, access=access)
         self._metrics = metrics
         self._ssl_context_factory = ssl_context_factory
         self._audit = audit

@@ -13,7 +13,10 @@ instance offline or missing from storage) without its SOP Instance UID.  So
 * :class:`InstanceFiles` gives each instance as a local Part 10 file: the
   object itself on a filesystem tier, else streamed to a spool file (one
   instance at a time on disk, never a whole instance or study in memory);
-* :class:`SubOperationSender` decides per instance: not ONLINE → failed;
+* :class:`SubOperationSender` decides per instance: not ONLINE → failed
+  (NEARLINE / OFFLINE, or an object the storage reports archived: its
+  restore is requested, see :mod:`pacs_common.archive.requests`, once for
+  the whole request and before the final response);
   stored transfer syntax accepted by the peer → sent unchanged (chunked from
   the file, byte-identical); else converted with
   :mod:`pacs_common.dicom.transcode` (decompressed, or losslessly compressed
@@ -24,6 +27,10 @@ instance offline or missing from storage) without its SOP Instance UID.  So
   responses: counts, final status 0x0000 / 0xB000 (some failed or warned) /
   0xA702 (all failed) / 0xFE00 (cancelled), and the Failed SOP Instance UID
   List (0008,0058) in the final identifier.
+
+What was sent is recorded as accessed (``last_accessed_at``, through an
+in-memory recorder written in the background: no database round-trip per
+sub-operation).
 
 Chunked sending (``pynetdicom._config.STORE_SEND_CHUNKED_DATASET``) is set
 process-wide by ``main``; without it pynetdicom reads each file whole first.
@@ -44,7 +51,6 @@ from io import BytesIO
 from pathlib import Path
 from typing import Final, Protocol
 
-from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -55,6 +61,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 
 from dimse_gateway.identifiers import IdentifierError, query_level, to_json
 from dimse_gateway.metrics import GatewayMetrics
+from pacs_common.archive.requests import RESTORABLE
 from pacs_common.dicom.transcode import TranscodeError, choose_transfer_syntax, transcode_file
 from pacs_common.query import (
     InformationModel,
@@ -102,9 +109,8 @@ class RetrieveSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="PACS_GATEWAY_RETRIEVE_", extra="ignore")
 
-    # The storage tiers instances may be read from (each configured by
-    # PACS_STORAGE_<TIER>_*); an instance on another tier fails its sub-operation.
-    tiers: list[str] = Field(default_factory=lambda: ["hot"], min_length=1)
+    # (The storage tiers instances are read from are every tier of
+    # pacs_common.settings.StorageTiersSettings, PACS_STORAGE_TIERS.)
     # TLS towards nodes marked `tls` (minimal for now: DICOM TLS proper is a later issue).
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
@@ -209,6 +215,10 @@ class InstanceUnavailableError(Exception):
     """The object cannot be read; ``str(exc)`` is the reason."""
 
 
+class InstanceArchivedError(InstanceUnavailableError):
+    """The object sits in an archive tier: it needs a restore first."""
+
+
 class InstanceFiles:
     """Each instance as a local Part 10 file, for as long as it is being sent."""
 
@@ -236,7 +246,7 @@ class InstanceFiles:
             except ObjectNotFoundError:
                 raise InstanceUnavailableError("object missing from storage") from None
             except ObjectArchivedError:
-                raise InstanceUnavailableError("object archived, not restored") from None
+                raise InstanceArchivedError("instance archived: restore requested") from None
             except (StorageError, OSError) as exc:
                 raise InstanceUnavailableError(f"storage read failed: {exc}") from exc
             yield spooled
@@ -342,13 +352,46 @@ class RunResult:
     cancelled: bool = False
 
 
-class SubOperationSender:
-    """Sends instances over a :class:`StoreTarget`, counting outcomes."""
+class RestoreRequests(Protocol):
+    """Asks for the restores of archived instances (blocking); see
+    :func:`pacs_common.archive.requests.request_restores`."""
 
-    def __init__(self, files: InstanceFiles, metrics: GatewayMetrics, operation: str) -> None:
+    def request(self, sop_instance_uids: Sequence[str], *, found_archived: bool = True) -> object: ...
+
+
+class AccessRecords(Protocol):
+    """Notes what was read (last access; no I/O on the call)."""
+
+    def record(self, study_instance_uid: str, sop_instance_uids: Iterable[str]) -> None: ...
+
+
+@dataclass
+class _ToRestore:
+    """Instances a run met that need a restore: found archived in storage,
+    or listed NEARLINE / OFFLINE by the index."""
+
+    archived: list[str] = field(default_factory=list)
+    nearline: list[str] = field(default_factory=list)
+
+
+class SubOperationSender:
+    """Sends instances over a :class:`StoreTarget`, counting outcomes; asks
+    for the restores of the archived ones and records what was sent."""
+
+    def __init__(
+        self,
+        files: InstanceFiles,
+        metrics: GatewayMetrics,
+        operation: str,
+        *,
+        restores: RestoreRequests | None = None,
+        access: AccessRecords | None = None,
+    ) -> None:
         self._files = files
         self._metrics = metrics
         self._operation = operation
+        self._restores = restores
+        self._access = access
 
     def run(
         self,
@@ -359,29 +402,56 @@ class SubOperationSender:
         progress: Callable[[SubOperationCounts], None],
     ) -> RunResult:
         counts = SubOperationCounts(remaining=len(instances))
-        for index, instance in enumerate(instances):
-            if is_cancelled():
-                return RunResult(counts, cancelled=True)
-            if not target.alive:
-                rest = [i.sop_instance_uid for i in instances[index:]]
-                counts.fail_remaining(rest, "association to the destination lost")
-                self._metrics.suboperations.labels(self._operation, Outcome.FAILED).inc(len(rest))
-                break
-            outcome, reason = self._send(instance, target)
-            counts.record(outcome, instance.sop_instance_uid, reason)
-            self._metrics.suboperations.labels(self._operation, outcome).inc()
-            if outcome is Outcome.FAILED:
-                logger.warning(
-                    "%s sub-operation failed: %s",
-                    self._operation,
-                    reason,
-                    extra={"sop_instance_uid": instance.sop_instance_uid},
-                )
-            progress(counts)
-        return RunResult(counts)
+        to_restore = _ToRestore()
+        sent: dict[str, list[str]] = {}
+        try:
+            for index, instance in enumerate(instances):
+                if is_cancelled():
+                    return RunResult(counts, cancelled=True)
+                if not target.alive:
+                    rest = [i.sop_instance_uid for i in instances[index:]]
+                    counts.fail_remaining(rest, "association to the destination lost")
+                    self._metrics.suboperations.labels(self._operation, Outcome.FAILED).inc(len(rest))
+                    break
+                outcome, reason = self._send(instance, target, to_restore)
+                counts.record(outcome, instance.sop_instance_uid, reason)
+                self._metrics.suboperations.labels(self._operation, outcome).inc()
+                if outcome is Outcome.FAILED:
+                    logger.warning(
+                        "%s sub-operation failed: %s",
+                        self._operation,
+                        reason,
+                        extra={"sop_instance_uid": instance.sop_instance_uid},
+                    )
+                else:
+                    sent.setdefault(instance.study_instance_uid, []).append(instance.sop_instance_uid)
+                progress(counts)
+            return RunResult(counts)
+        finally:
+            self._after_run(to_restore, sent)
 
-    def _send(self, instance: RetrievableInstance, target: StoreTarget) -> tuple[Outcome, str | None]:
+    def _after_run(self, to_restore: _ToRestore, sent: dict[str, list[str]]) -> None:
+        if self._access is not None:
+            for study, uids in sent.items():
+                self._access.record(study, uids)
+        if self._restores is None:
+            return
+        for uids, found_archived in ((to_restore.archived, True), (to_restore.nearline, False)):
+            if not uids:
+                continue
+            try:
+                self._restores.request(uids, found_archived=found_archived)
+            except Exception:
+                # The sub-operations failed either way; the next retrieve asks again.
+                logger.exception("%s: restore request failed", self._operation)
+
+    def _send(
+        self, instance: RetrievableInstance, target: StoreTarget, to_restore: _ToRestore
+    ) -> tuple[Outcome, str | None]:
         if instance.availability != ONLINE:
+            if instance.availability in RESTORABLE:
+                to_restore.nearline.append(instance.sop_instance_uid)
+                return Outcome.FAILED, f"instance {instance.availability.lower()}: restore requested"
             return Outcome.FAILED, f"instance {instance.availability.lower()}, not online"
         accepted = target.accepted_transfer_syntaxes(instance.sop_class_uid)
         if not accepted:
@@ -402,6 +472,9 @@ class SubOperationSender:
                         return Outcome.FAILED, str(exc)
                     self._metrics.transcodes.labels("converted").inc()
                     return self._store(target, converted)
+        except InstanceArchivedError as exc:
+            to_restore.archived.append(instance.sop_instance_uid)
+            return Outcome.FAILED, str(exc)
         except InstanceUnavailableError as exc:
             return Outcome.FAILED, str(exc)
 

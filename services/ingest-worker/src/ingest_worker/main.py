@@ -25,7 +25,13 @@ from pacs_common.db.index import InstanceIndex
 from pacs_common.db.pool import create_pool
 from pacs_common.messaging.broker import Broker
 from pacs_common.messaging.consumer import IngestConsumer
-from pacs_common.settings import BrokerSettings, DatabaseSettings, TelemetrySettings, WorkerSettings
+from pacs_common.settings import (
+    BrokerSettings,
+    DatabaseSettings,
+    StorageTiersSettings,
+    TelemetrySettings,
+    WorkerSettings,
+)
 from pacs_common.startup import install_stop_signals, until_connected
 from pacs_common.storage import StorageRegistry
 from pacs_common.telemetry import configure_logging, configure_tracing, create_observability_app, serve_http
@@ -33,8 +39,6 @@ from pacs_common.telemetry import configure_logging, configure_tracing, create_o
 __all__ = ["SERVICE", "WorkerServices", "main", "run"]
 
 SERVICE: Final = "ingest-worker"
-#: Storage tiers the worker reads from (ingest writes to the hot tier).
-TIERS: Final = ("hot",)
 _SHUTDOWN_GRACE_SECONDS = 60.0
 
 logger = logging.getLogger(__name__)
@@ -94,7 +98,9 @@ async def run(
         if services.pool is None or services.broker is None:
             return
         if storage is None:
-            owned_storage = StorageRegistry.from_settings(TIERS)
+            # Every configured tier (PACS_STORAGE_TIERS): ingest writes to hot,
+            # but a message may name any tier the index knows.
+            owned_storage = StorageRegistry.from_settings(StorageTiersSettings().tiers)
             storage = owned_storage
         await _serve(worker_settings, services.pool, services.broker, storage, metrics, stop)
     finally:
