@@ -159,8 +159,10 @@ async def test_routing_rules_crud(client: httpx.AsyncClient, nodes: None) -> Non
     created = await client.post("/routing-rules", json=CT_TO_ORTHANC)
     assert created.status_code == 201, created.text
     rule = created.json()
-    assert (rule["enabled"], rule["destinations"], rule["condition"]) == (
-        True, ["ORTHANC", "AI_NODE"], {"modality": "CT", "calling_ae_title": None, "study_description": "*chest*"}
+    assert (rule["enabled"], rule["trigger"], rule["destinations"], rule["condition"]) == (
+        True, "instance.stored", ["ORTHANC", "AI_NODE"],
+        {"modality": "CT", "calling_ae_title": None, "study_description": "*chest*", "sop_class_uid": None,
+         "body_part_examined": None},
     )  # fmt: skip
     first = await client.post(
         "/routing-rules",
@@ -183,6 +185,39 @@ async def test_routing_rules_crud(client: httpx.AsyncClient, nodes: None) -> Non
     assert (await client.delete(url)).status_code == 204
     assert (await client.delete(url)).status_code == 404
     assert (await client.get(url)).status_code == 404
+
+
+async def test_routing_rules_on_stable_studies_with_sop_class_and_body_part(
+    client: httpx.AsyncClient, nodes: None
+) -> None:
+    body = {
+        "name": "stable chest CT",
+        "trigger": "study.stable",
+        "condition": {"sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "body_part_examined": " chest"},
+        "destinations": ["ORTHANC"],
+    }
+    created = await client.post("/routing-rules", json=body)
+    assert created.status_code == 201, created.text
+    rule = created.json()
+    assert (rule["trigger"], rule["condition"]["sop_class_uid"], rule["condition"]["body_part_examined"]) == (
+        "study.stable", "1.2.840.10008.5.1.4.1.1.2", "CHEST"
+    )  # fmt: skip
+    await client.post("/routing-rules", json={**CT_TO_ORTHANC, "destinations": ["ORTHANC"]})
+    stable = (await client.get("/routing-rules", params={"trigger": "study.stable"})).json()
+    assert [r["name"] for r in stable] == ["stable chest CT"]
+    stored = (await client.get("/routing-rules", params={"trigger": "instance.stored"})).json()
+    assert [r["name"] for r in stored] == ["CT to Orthanc"]
+    changed = {**body, "trigger": "instance.stored", "condition": {"body_part_examined": "HEAD"}}
+    replaced = (await client.put(f"/routing-rules/{rule['id']}", json=changed)).json()
+    assert (replaced["trigger"], replaced["condition"]["sop_class_uid"], replaced["condition"]["body_part_examined"]) == (
+        "instance.stored", None, "HEAD"
+    )  # fmt: skip
+    for bad in (
+        {**body, "trigger": "study.created"},
+        {**body, "condition": {"sop_class_uid": "1.2.x"}},
+        {**body, "condition": {"body_part_examined": "CHEST/ABDOMEN"}},
+    ):
+        assert (await client.post("/routing-rules", json={**bad, "name": "bad"})).status_code == 422, bad
 
 
 async def test_routing_rules_destinations_and_bodies_are_checked(
@@ -211,6 +246,31 @@ async def test_routing_rules_destinations_and_bodies_are_checked(
     assert (await client.get("/routing-rules", headers={"x-test-roles": "technologist"})).status_code == 403
 
 
+async def test_forwarding_queues_per_destination(client: httpx.AsyncClient, db_pool: asyncpg.Pool) -> None:
+    assert (await client.get("/routing-rules/queues")).json() == []
+    await db_pool.execute(
+        """
+        INSERT INTO forward_item (destination, study_instance_uid, sop_instance_uid, content_sha256, state,
+                                  attempts, last_error, claim_token, finished_at)
+        VALUES ('ORTHANC', '1.2', '1.2.1', repeat('0', 64), 'done', 1, NULL, NULL, now()),
+               ('ORTHANC', '1.2', '1.2.2', repeat('0', 64), 'queued', 2, 'no association with ORTHANC', NULL, NULL),
+               ('ORTHANC', '1.2', '1.2.3', repeat('0', 64), 'sending', 1, NULL, gen_random_uuid(), NULL),
+               ('AI_NODE', '1.2', '1.2.1', repeat('0', 64), 'failed', 3, 'C-STORE status 0xA700', NULL, now())
+        """
+    )
+    queues = (await client.get("/routing-rules/queues")).json()
+    assert [
+        (q["destination"], q["queued"], q["sending"], q["done"], q["failed"], q["last_error"]) for q in queues
+    ] == [
+        ("AI_NODE", 0, 0, 0, 1, "C-STORE status 0xA700"),
+        ("ORTHANC", 1, 1, 1, 0, "no association with ORTHANC"),
+    ]
+    assert queues[0]["next_attempt_at"] is None and queues[1]["next_attempt_at"] is not None
+    assert (
+        await client.get("/routing-rules/queues", headers={"x-test-roles": "technologist"})
+    ).status_code == 403
+
+
 def test_routing_rule_matching() -> None:
     rule = RoutingRule.model_validate(
         {
@@ -230,3 +290,17 @@ def test_routing_rule_matching() -> None:
     assert not rule.matches(modality="CT", calling_ae_title="CT1", study_description=None)
     anything = rule.model_copy(update={"condition": RoutingCondition()})
     assert anything.matches(modality=None, calling_ae_title=None, study_description=None)
+    chest = rule.model_copy(
+        update={
+            "condition": RoutingCondition(
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2", body_part_examined="Chest"
+            )
+        }
+    )
+    ct_image = {"modality": "CT", "calling_ae_title": None, "study_description": None}
+    assert chest.matches(**ct_image, sop_class_uid="1.2.840.10008.5.1.4.1.1.2", body_part_examined="chest ")
+    assert not chest.matches(
+        **ct_image, sop_class_uid="1.2.840.10008.5.1.4.1.1.4", body_part_examined="CHEST"
+    )
+    assert not chest.matches(**ct_image, sop_class_uid="1.2.840.10008.5.1.4.1.1.2", body_part_examined="HEAD")
+    assert not chest.matches(**ct_image)

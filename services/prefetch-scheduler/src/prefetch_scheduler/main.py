@@ -188,13 +188,27 @@ async def run(
         logger.info("%s stopped", SERVICE)
 
 
+#: Three parts share the pool: prefetch jobs, the task scheduler and the
+#: forwarder (which holds up to PACS_FORWARD_EVENT_CONCURRENCY connections
+#: while it handles events); the library default of 10 is too tight.
+_POOL_MAX_SIZE: Final = 24
+
+
+def _database_settings() -> DatabaseSettings:
+    """``PACS_DB_*``, with a larger pool unless PACS_DB_POOL_MAX_SIZE says otherwise."""
+    settings = DatabaseSettings()
+    if "pool_max_size" in settings.model_fields_set:
+        return settings
+    return settings.model_copy(update={"pool_max_size": _POOL_MAX_SIZE})
+
+
 def main() -> None:
     telemetry = TelemetrySettings()
     configure_logging(telemetry, SERVICE)
     configure_tracing(telemetry, SERVICE)
     settings: dict[str, Any] = {
         "prefetch_settings": PrefetchSettings(),
-        "database_settings": DatabaseSettings(),
+        "database_settings": _database_settings(),
         "broker_settings": BrokerSettings(),
         "tiers_settings": StorageTiersSettings(),
     }

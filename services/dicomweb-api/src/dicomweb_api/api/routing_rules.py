@@ -1,20 +1,25 @@
 """``/routing-rules``: where received instances are forwarded
 (``pacs_common.routing``); destinations must be registered nodes that may
-receive instances."""
+receive instances.  A rule reacts to ``instance.stored`` (the default) or
+``study.stable``; the forwarder records each match as a ``forward`` job
+(``/jobs?kind=forward``)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Final
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Response
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
 
 from dicomweb_api.context import ApiContext, get_context
 from dicomweb_api.security import Permission, require
 from pacs_common.routing import (
+    DestinationQueue,
     RoutingRule,
     RoutingRuleCreate,
     RoutingRuleRepository,
+    RoutingTrigger,
     RuleExistsError,
+    forwarding_queues,
     unknown_destinations,
 )
 
@@ -44,8 +49,19 @@ def create_router() -> APIRouter:
     )
 
     @router.get("", response_model=list[RoutingRule], summary="List routing rules in evaluation order")
-    async def list_rules(context: Context) -> list[RoutingRule]:
-        return await RoutingRuleRepository(context.pool).list()
+    async def list_rules(
+        context: Context,
+        trigger: Annotated[RoutingTrigger | None, Query(description="only the rules of this event")] = None,
+    ) -> list[RoutingRule]:
+        return await RoutingRuleRepository(context.pool).list(trigger=trigger)
+
+    @router.get(
+        "/queues",
+        response_model=list[DestinationQueue],
+        summary="The forwarding queue of each destination: queued, sending, sent, failed",
+    )
+    async def list_queues(context: Context) -> list[DestinationQueue]:
+        return await forwarding_queues(context.pool)
 
     @router.post(
         "", response_model=RoutingRule, status_code=201, summary="Add a rule", responses=_WRITE_ERRORS
