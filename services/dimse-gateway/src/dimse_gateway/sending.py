@@ -40,9 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -71,9 +68,8 @@ from pacs_common.query import (
     RetrievableInstance,
     RetrieveRequest,
 )
-from pacs_common.storage import ObjectArchivedError, ObjectNotFoundError, StorageError, StorageRegistry
-from pacs_common.storage.base import CHUNK_SIZE
-from pacs_common.storage.filesystem import FilesystemStorage
+from pacs_common.storage import StorageRegistry
+from pacs_common.storage.local_files import StoredFiles, UnreadableObjectError
 
 logger = logging.getLogger(__name__)
 
@@ -220,47 +216,26 @@ class InstanceArchivedError(InstanceUnavailableError):
 
 
 class InstanceFiles:
-    """Each instance as a local Part 10 file, for as long as it is being sent."""
+    """Each instance as a local Part 10 file, for as long as it is being sent
+    (:class:`pacs_common.storage.local_files.StoredFiles`)."""
 
     def __init__(self, storage: StorageRegistry, spool_dir: Path | None = None) -> None:
-        self._storage = storage
-        self._spool_dir = spool_dir
+        self._files = StoredFiles(storage, spool_dir, prefix="send-")
 
     @contextlib.contextmanager
     def local_file(self, instance: RetrievableInstance) -> Iterator[Path]:
         location = instance.location
         try:
-            storage = self._storage.get(location.tier)
-        except KeyError:
-            raise InstanceUnavailableError(f"storage tier {location.tier} not configured") from None
-        if isinstance(storage, FilesystemStorage):
-            path = storage.path_for(location.key)
-            if not path.is_file():
-                raise InstanceUnavailableError("object missing from storage")
-            yield path  # objects are write-once: sent straight from where they are
-            return
-        with self.spool_file() as spooled:
-            try:
-                with storage.open(location.key) as stream, spooled.open("wb") as out:
-                    shutil.copyfileobj(stream, out, CHUNK_SIZE)
-            except ObjectNotFoundError:
-                raise InstanceUnavailableError("object missing from storage") from None
-            except ObjectArchivedError:
+            with self._files.local_file(location.tier, location.key) as path:
+                yield path
+        except UnreadableObjectError as exc:
+            if exc.archived:
                 raise InstanceArchivedError("instance archived: restore requested") from None
-            except (StorageError, OSError) as exc:
-                raise InstanceUnavailableError(f"storage read failed: {exc}") from exc
-            yield spooled
+            raise InstanceUnavailableError(str(exc)) from None
 
-    @contextlib.contextmanager
-    def spool_file(self) -> Iterator[Path]:
+    def spool_file(self) -> contextlib.AbstractContextManager[Path]:
         """A fresh temporary file in the spool directory, removed afterwards."""
-        fd, name = tempfile.mkstemp(dir=self._spool_dir, prefix="send-", suffix=".dcm")
-        os.close(fd)
-        path = Path(name)
-        try:
-            yield path
-        finally:
-            path.unlink(missing_ok=True)
+        return self._files.spool_file()
 
 
 # -- the association sub-operations go over ------------------------------------------------
