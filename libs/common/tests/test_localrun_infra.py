@@ -276,11 +276,15 @@ def test_local_system_runs_and_stops(tmp_path: Path, fresh_database_url: str) ->
         state = load_state(tmp_path)
         assert state is not None
         names = [s["name"] for s in state["services"]]
-        # Front doors first, the query-service they all use last.
+        # Front doors first, then the background services, the worker, and
+        # the query-service they all use last.
         assert names == [
             "gateway-0",
             "gateway-1",
             "dicomweb-0",
+            "hsm-0",
+            "prefetch-0",
+            "ai-0",
             *(["worker-0"] if workers else []),
             "query-0",
         ]
