@@ -16,7 +16,7 @@ class ConnectorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PACS_AI_", extra="ignore")
 
     http_host: str = "0.0.0.0"
-    http_port: int = Field(default=8087, ge=0, le=65535)
+    http_port: int = Field(default=8086, ge=0, le=65535)
     # The dicomweb-api root (DICOMweb under /dicom-web): the URLs an
     # inference service is given to fetch the study.
     dicomweb_url: str = Field(default="http://127.0.0.1:8080", pattern=r"^https?://")

@@ -70,7 +70,7 @@ class HsmSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PACS_HSM_", extra="ignore")
 
     http_host: str = "0.0.0.0"
-    http_port: int = Field(default=8086, ge=0, le=65535)
+    http_port: int = Field(default=8085, ge=0, le=65535)
     # A policy pass (and a pass of restores) this often.
     interval_seconds: float = Field(default=300.0, gt=0)
     # Queued migration jobs are looked for this often.

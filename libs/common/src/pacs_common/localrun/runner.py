@@ -99,7 +99,9 @@ AI = ServiceKind("ai", "ai-connector", "ai_connector", "PACS_AI_HTTP_PORT")
 SERVICE_KINDS: tuple[ServiceKind, ...] = (GATEWAY, DICOMWEB, HSM, PREFETCH, AI, WORKER, QUERY)
 # HTTP ports count up from the base in this order, so that the ports of the
 # front doors and the worker stay where they were before the background
-# services came (gateway 8081, worker 8082, query-service 8083, …).
+# services came (gateway 8081, worker 8082, query-service 8083, then
+# prefetch-scheduler 8084, hsm-migrator 8085, ai-connector 8086 — their
+# defaults when run on their own).
 _PORT_ORDER: tuple[ServiceKind, ...] = (GATEWAY, WORKER, QUERY, PREFETCH, HSM, AI)
 
 

@@ -82,7 +82,7 @@ class PrefetchSettings(BaseSettings):
 
     # -- HTTP (health, metrics) ------------------------------------------------
     http_host: str = "0.0.0.0"
-    http_port: int = Field(default=8085, ge=0, le=65535)
+    http_port: int = Field(default=8084, ge=0, le=65535)
 
     @field_validator("sources", mode="before")
     @classmethod
