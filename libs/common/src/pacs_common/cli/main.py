@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pacs_common.cli import anonymize, dlq, hsm, migrate, nodes, prefetch, run, status, tasks, worklist
+from pacs_common.cli import anonymize, dlq, hsm, migrate, nodes, prefetch, run, signatures, status, tasks, worklist
 from pacs_common.cli.common import CliError, expected_errors
 from pacs_common.localrun.infra import InfraError, describe_error
 from pacs_common.localrun.runner import LocalRunError

@@ -22,6 +22,7 @@ from dicomweb_api.api import (
     worklist,
 )
 from dicomweb_api.api.deidentify import create_router as create_deidentify_router
+from dicomweb_api.api.signatures import create_router as create_signatures_router
 
 
 def create_router() -> APIRouter:
@@ -44,4 +45,5 @@ def create_router() -> APIRouter:
     ):
         router.include_router(module.create_router())
     router.include_router(create_deidentify_router())
+    router.include_router(create_signatures_router())
     return router
