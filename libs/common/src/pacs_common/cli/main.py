@@ -13,7 +13,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pacs_common.cli import anonymize, dlq, hsm, migrate, nodes, prefetch, run, signatures, status, tasks, worklist
+from pacs_common.cli import (
+    anonymize,
+    dlq,
+    hsm,
+    migrate,
+    nodes,
+    prefetch,
+    run,
+    signatures,
+    status,
+    tasks,
+    worklist,
+)
 from pacs_common.cli.common import CliError, expected_errors
 from pacs_common.localrun.infra import InfraError, describe_error
 from pacs_common.localrun.runner import LocalRunError
@@ -37,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where .pacs/ (logs, state, throwaway servers) lives (default: current directory)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (migrate, run, status, dlq, nodes, worklist, anonymize, hsm, prefetch, tasks):
+    for module in (migrate, run, status, dlq, nodes, worklist, anonymize, hsm, prefetch, tasks, signatures):
         module.add_parser(commands)
     return parser
 
