@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import MediaStorageDirectoryStorage
 
 from pacs_common.cli.common import CliError
+from pacs_common.cli.files import input_files
 from pacs_common.dicom.deidentify import (
     MIN_SALT_BYTES,
     Deidentifier,
@@ -79,8 +79,12 @@ def run(args: argparse.Namespace) -> int:
     deidentifier = Deidentifier(_salt(args.salt_file), _options(args))
     output: Path = args.output.absolute()
     report = _Report()
-    for path in _input_files(args.inputs, output, report):
-        _process(path, output, deidentifier, report)
+
+    def missing(path: Path) -> None:
+        report.failed.append((path, "no such file or directory"))
+
+    for item in input_files(args.inputs, exclude=output, on_missing=missing):
+        _process(item.path, output, deidentifier, report)
     for path, reason in report.skipped:
         print(f"pacs anonymize: skipped {path}: {reason}", file=sys.stderr)
     for path, reason in report.failed:
@@ -122,20 +126,6 @@ def _salt(salt_file: Path | None) -> bytes:
             f"a secret salt of at least {MIN_SALT_BYTES} bytes is required: "
             "give --salt-file or set PACS_DEIDENTIFY_SALT"
         ) from exc
-
-
-def _input_files(inputs: Sequence[Path], output: Path, report: _Report) -> Iterator[Path]:
-    """Files of the inputs, directories walked recursively in name order,
-    without what lies under the output directory."""
-    for given in inputs:
-        if given.is_dir():
-            for path in sorted(given.rglob("*")):
-                if path.is_file() and not path.absolute().is_relative_to(output):
-                    yield path
-        elif given.is_file():
-            yield given
-        else:
-            report.failed.append((given, "no such file or directory"))
 
 
 def _process(path: Path, output: Path, deidentifier: Deidentifier, report: _Report) -> None:

@@ -15,15 +15,20 @@ from pathlib import Path
 
 from pacs_common.cli import (
     anonymize,
+    convert,
     dlq,
+    dump,
     hsm,
     migrate,
     nodes,
     prefetch,
     run,
+    send,
     signatures,
     status,
     tasks,
+    to_json,
+    to_xml,
     worklist,
 )
 from pacs_common.cli.common import CliError, expected_errors
@@ -49,7 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="where .pacs/ (logs, state, throwaway servers) lives (default: current directory)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (migrate, run, status, dlq, nodes, worklist, anonymize, hsm, prefetch, tasks, signatures):
+    for module in (
+        migrate,
+        run,
+        status,
+        dlq,
+        nodes,
+        worklist,
+        hsm,
+        prefetch,
+        tasks,
+        anonymize,
+        signatures,
+        dump,
+        to_json,
+        to_xml,
+        convert,
+        send,
+    ):
         module.add_parser(commands)
     return parser
 
