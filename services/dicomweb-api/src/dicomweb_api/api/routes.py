@@ -14,6 +14,7 @@ from dicomweb_api.api import (
     jobs,
     key_images,
     locks,
+    media,
     nodes,
     prefetch,
     routing_rules,
@@ -42,6 +43,7 @@ def create_router() -> APIRouter:
         prefetch,
         tasks,
         ai,
+        media,
     ):
         router.include_router(module.create_router())
     router.include_router(create_deidentify_router())
