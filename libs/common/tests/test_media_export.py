@@ -8,16 +8,23 @@ import io
 import re
 import subprocess
 import zipfile
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
 import numpy as np
 import pydicom
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 from pydicom.fileset import FileSet
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1
 
 from pacs_common.dicom.deidentify import Deidentifier
+from pacs_common.dicom.signature_settings import Signer
+from pacs_common.dicom.signatures import SignatureStatus, verify
 from pacs_common.media.export import (
     ExportCancelledError,
     ExportOptions,
@@ -250,3 +257,52 @@ async def test_instances_on_other_tiers_are_exported_from_where_the_index_says(
     expected = {s.sop_instance_uid: s.data for s in [*on_hot, *on_warm]}
     file_set = _read_back(tmp_path / "media")
     assert {i.SOPInstanceUID: _content(i.path) for i in file_set} == expected
+
+
+def _self_signed() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "PACS export signer")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    return key, certificate
+
+
+async def test_signed_export_verifies_and_a_changed_byte_is_caught(
+    db_pool: asyncpg.Pool, fs_storage: FilesystemStorage, stored: list[Stored], tmp_path: Path
+) -> None:
+    key, certificate = _self_signed()
+    exporter = FileSetExporter(
+        StorageRegistry({"hot": fs_storage}),
+        ExportOptions(sign=True, explicit_vr_little_endian=True),
+        signer=Signer(key=key, certificate=certificate),
+    )
+    sources = await find_export_sources(db_pool, list(STUDIES))
+    target = tmp_path / "signed"
+    result = exporter.export(sources, target)
+
+    assert result.failures == []
+    assert dcmtk_records(target / "DICOMDIR").count("IMAGE") == 8
+    file_set = _read_back(target)
+    assert len(file_set) == 8
+    for instance in file_set:
+        reports = verify(pydicom.dcmread(instance.path), trust_anchors=[certificate])
+        assert [r.status for r in reports] == [SignatureStatus.VALID], instance.FileID
+    # A changed byte in a signed element: the copy no longer verifies.
+    first = next(iter(file_set))
+    dataset = pydicom.dcmread(first.path)
+    dataset.PatientName = str(dataset.PatientName) + "X"
+    assert [r.status for r in verify(dataset, trust_anchors=[certificate])] == [SignatureStatus.INVALID]
+
+
+def test_signed_export_needs_a_signer(fs_storage: FilesystemStorage) -> None:
+    with pytest.raises(ValueError, match="Signer"):
+        FileSetExporter(StorageRegistry({"hot": fs_storage}), ExportOptions(sign=True))

@@ -6,17 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import shutil
 import subprocess
 import zipfile
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
+import pydicom
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 from pydicom.fileset import FileSet
 
 from ingest_worker.main import WorkerServices, run
+from pacs_common.dicom.signature_settings import Signer
 from pacs_common.media.importing import ImportReport, ImportStatus, MediaImporter
 from pacs_common.media.testing import DCMMKDIR, image, part10
 from pacs_common.messaging.blocking import BlockingPublisher
@@ -265,3 +273,44 @@ def test_zip_names_cannot_escape_and_a_damaged_entry_is_refused(tmp_path: Path) 
     assert "damaged entry" in (report.files[0].reason or "")
     assert [m.sop_instance_uid for m in messages] == [_sop(1, 1)]
     assert not (tmp_path / "escape.dcm").exists()
+
+
+def _signer(name: str) -> Signer:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    return Signer(key=key, certificate=certificate)
+
+
+def test_signatures_of_imported_files_are_verified_and_reported(tmp_path: Path) -> None:
+    receiver, messages = _recording_receiver(tmp_path)
+    trusted, stranger = _signer("Trusted site"), _signer("Unknown site")
+    folder = tmp_path / "signed"
+    folder.mkdir()
+    for number, signer, tamper in ((1, trusted, False), (2, trusted, True), (3, stranger, False)):
+        dataset = pydicom.dcmread(io.BytesIO(_image_bytes(1, number)))
+        signer.sign(dataset)
+        if tamper:
+            dataset.PatientName = "CHANGED^AFTER^SIGNING"
+        dataset.save_as(folder / f"{number}.dcm", enforce_file_format=True)
+    (folder / "4.dcm").write_bytes(_image_bytes(1, 4))  # not signed
+
+    report = MediaImporter(receiver, SOURCE, trust_anchors=[trusted.certificate]).import_paths([folder])
+
+    assert [(Path(i.path).name, i.status, i.signatures) for i in report.files] == [
+        ("1.dcm", ImportStatus.STORED, ["valid"]),
+        ("2.dcm", ImportStatus.STORED, ["invalid"]),
+        ("3.dcm", ImportStatus.STORED, ["untrusted-certificate"]),
+        ("4.dcm", ImportStatus.STORED, []),
+    ]
+    assert len(messages) == 4

@@ -107,6 +107,10 @@ async def test_deidentified_explicit_le_export(
     body = {"study_uids": [STUDY], "deidentify": True, "explicit_vr_little_endian": True}
     monkeypatch.delenv("PACS_DEIDENTIFY_SALT", raising=False)
     assert (await client.post("/api/v1/exports", json=body)).status_code == 503
+    # Signing without a configured key and certificate: refused, with the reason.
+    monkeypatch.delenv("PACS_SIGNATURE_KEY_FILE", raising=False)
+    unsigned = await client.post("/api/v1/exports", json={"study_uids": [STUDY], "sign": True})
+    assert unsigned.status_code == 503 and "PACS_SIGNATURE_KEY_FILE" in unsigned.text
     monkeypatch.setenv("PACS_DEIDENTIFY_SALT", "a-test-salt-of-enough-bytes")
     response = await client.post("/api/v1/exports", json=body)
     assert response.status_code == 202, response.text
@@ -115,6 +119,7 @@ async def test_deidentified_explicit_le_export(
         "study_uids": [STUDY],
         "deidentify": True,
         "explicit_vr_little_endian": True,
+        "sign": False,
     }
     download = await client.get(status["download_url"])
     with zipfile.ZipFile(io.BytesIO(download.content)) as archive:

@@ -19,11 +19,17 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from pacs_common.cli.common import CliError, broker_settings, connect_database, database_settings
 from pacs_common.localrun.infra import run_sync
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from pacs_common.dicom.signature_settings import Signer
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -49,6 +55,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     export.add_argument(
         "--explicit-le", action="store_true", help="transcode every instance to Explicit VR Little Endian"
     )
+    export.add_argument(
+        "--sign",
+        action="store_true",
+        help="digitally sign every instance (PS3.15 Annex C; key and certificate from PACS_SIGNATURE_*)",
+    )
     export.set_defaults(handler=run_export)
 
     importing = subparsers.add_parser(
@@ -62,6 +73,25 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 # -- export ------------------------------------------------------------------------
+
+
+def _signer() -> Signer:
+    from pacs_common.dicom.signature_settings import SignatureSettings, SignatureSetupError
+
+    try:
+        return SignatureSettings().signer()
+    except (SignatureSetupError, ValidationError) as exc:
+        raise CliError(f"--sign: {exc}") from exc
+
+
+def _trust_anchors() -> list[x509.Certificate] | None:
+    """Signatures of imported files are verified against PACS_SIGNATURE_TRUST_ANCHORS."""
+    from pacs_common.dicom.signature_settings import SignatureSettings
+
+    try:
+        return SignatureSettings().anchors()
+    except (ValidationError, OSError, ValueError) as exc:
+        raise CliError(f"PACS_SIGNATURE_TRUST_ANCHORS: {exc}") from exc
 
 
 def _salt(salt_file: Path | None) -> bytes:
@@ -102,8 +132,11 @@ def run_export(args: argparse.Namespace) -> int:
         raise CliError("give -o DIR, --zip FILE or both")
     if args.output is not None and (args.output / DICOMDIR).exists():
         raise CliError(f"{args.output} already holds a DICOMDIR")
-    options = ExportOptions(deidentify=args.deidentify, explicit_vr_little_endian=args.explicit_le)
+    options = ExportOptions(
+        deidentify=args.deidentify, explicit_vr_little_endian=args.explicit_le, sign=args.sign
+    )
     deidentifier = Deidentifier(_salt(args.salt_file)) if args.deidentify else None
+    signer = _signer() if args.sign else None
     settings = database_settings(args.project_dir)
 
     async def sources() -> list[ExportSource]:
@@ -119,7 +152,7 @@ def run_export(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from exc
     storage = StorageRegistry.from_settings(StorageTiersSettings().tiers)
     try:
-        exporter = FileSetExporter(storage, options, deidentifier=deidentifier)
+        exporter = FileSetExporter(storage, options, deidentifier=deidentifier, signer=signer)
         with tempfile.TemporaryDirectory(prefix="pacs-export-") as scratch:
             target = args.output if args.output is not None else Path(scratch) / "fileset"
             result = exporter.export(found, target)
@@ -157,7 +190,9 @@ def run_import(args: argparse.Namespace) -> int:
     storage = build_storage(StorageTierSettings.for_tier(HOT_TIER))
     try:
         receiver = InstanceReceiver(storage, HOT_TIER, publisher.publish_ingest)
-        importer = MediaImporter(receiver, IngestSource(protocol="import", peer="pacs import"))
+        importer = MediaImporter(
+            receiver, IngestSource(protocol="import", peer="pacs import"), trust_anchors=_trust_anchors()
+        )
         report = importer.import_paths(args.paths)
     finally:
         storage.close()
@@ -167,8 +202,9 @@ def run_import(args: argparse.Namespace) -> int:
     else:
         for item in report.files:
             reason = f": {item.reason}" if item.reason else ""
+            signed = f" (signatures: {', '.join(item.signatures)})" if item.signatures else ""
             stream = sys.stdout if item.status == ImportStatus.STORED else sys.stderr
-            print(f"{item.status.value:<13} {item.path}{reason}", file=stream)
+            print(f"{item.status.value:<13} {item.path}{reason}{signed}", file=stream)
         counts = report.summary()
         print(
             f"imported {counts['stored']} file(s); not DICOM {counts['not_dicom']}, "

@@ -40,6 +40,8 @@ from pydicom.fileset import FileSet
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pacs_common.dicom.deidentify import Deidentifier
+from pacs_common.dicom.signature_settings import Signer
+from pacs_common.dicom.signatures import SignatureError
 from pacs_common.dicom.transcode import TranscodeError, transcode_file
 from pacs_common.storage import ObjectArchivedError, ObjectNotFoundError, StorageError, StorageRegistry
 
@@ -83,6 +85,9 @@ class ExportOptions(BaseModel):
     deidentify: bool = Field(default=False, description="de-identify (PS3.15 Annex E basic profile)")
     explicit_vr_little_endian: bool = Field(
         default=False, description="transcode every instance to Explicit VR Little Endian"
+    )
+    sign: bool = Field(
+        default=False, description="add a digital signature (PS3.15 Annex C) with the configured key"
     )
 
 
@@ -170,12 +175,16 @@ class FileSetExporter:
         options: ExportOptions | None = None,
         *,
         deidentifier: Deidentifier | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self._storage = storage
         self.options = options or ExportOptions()
         if self.options.deidentify and deidentifier is None:
             raise ValueError("de-identified export needs a Deidentifier (with the deployment's salt)")
+        if self.options.sign and signer is None:
+            raise ValueError("signed export needs a Signer (the deployment's key and certificate)")
         self._deidentifier = deidentifier if self.options.deidentify else None
+        self._signer = signer if self.options.sign else None
 
     def export(
         self, sources: Sequence[ExportSource], target: Path, progress: Progress | None = None
@@ -252,9 +261,19 @@ class FileSetExporter:
                     transcode_file(path, converted, ExplicitVRLittleEndian)
                     path.unlink()
                     path = converted
+            if self._signer is not None:
+                # Last: the signature covers the bytes as they go into the set.
+                dataset = pydicom.dcmread(path)
+                self._signer.sign(dataset)
+                signed = spool / f"{number}.signed.dcm"
+                dataset.save_as(signed, enforce_file_format=True)
+                path.unlink()
+                path = signed
             header = pydicom.dcmread(path, stop_before_pixels=True)
         except TranscodeError as exc:
             raise _InstanceError(f"cannot transcode to Explicit VR Little Endian: {exc}") from exc
+        except SignatureError as exc:
+            raise _InstanceError(f"cannot sign: {exc}") from exc
         except (InvalidDicomError, ValueError, KeyError, AttributeError, EOFError) as exc:
             raise _InstanceError(f"not a readable DICOM object: {exc}") from exc
         return path, header

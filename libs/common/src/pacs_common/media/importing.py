@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Final
 
 import pydicom
+from cryptography import x509
 from pydantic import BaseModel, Field
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -39,6 +40,7 @@ from pydicom.fileset import FileSet
 from pydicom.uid import MediaStorageDirectoryStorage
 
 from pacs_common.dicom.received import InvalidDatasetError
+from pacs_common.dicom.signatures import verify
 from pacs_common.messaging.broker import PublishError
 from pacs_common.messaging.models import IngestSource
 from pacs_common.receiving import InstanceReceiver
@@ -76,6 +78,9 @@ class ImportedFile(BaseModel):
     reason: str | None = None
     sop_instance_uid: str | None = None
     study_instance_uid: str | None = None
+    # One status per digital signature the file carries ("valid", "invalid",
+    # "untrusted-certificate", "expired"); empty when it carries none.
+    signatures: list[str] = Field(default_factory=list)
 
 
 class ImportReport(BaseModel):
@@ -95,8 +100,18 @@ class ImportReport(BaseModel):
     def summary(self) -> dict[str, int]:
         return {status.value: self.count(status) for status in ImportStatus}
 
-    def add(self, path: str, status: ImportStatus, reason: str | None = None, **uids: str | None) -> None:
-        self.files.append(ImportedFile(path=path, status=status, reason=reason, **uids))
+    def add(
+        self,
+        path: str,
+        status: ImportStatus,
+        reason: str | None = None,
+        *,
+        signatures: Sequence[str] = (),
+        **uids: str | None,
+    ) -> None:
+        self.files.append(
+            ImportedFile(path=path, status=status, reason=reason, signatures=list(signatures), **uids)
+        )
 
 
 def _is_part10(path: Path) -> bool:
@@ -148,11 +163,15 @@ class MediaImporter:
         *,
         spool_dir: Path | None = None,
         max_zip_bytes: int = DEFAULT_MAX_ZIP_BYTES,
+        trust_anchors: Sequence[x509.Certificate] | None = None,
     ) -> None:
+        """``trust_anchors``: the certificates signatures are verified
+        against (None: only the MAC and the validity dates are checked)."""
         self._receiver = receiver
         self._source = source
         self._spool_dir = spool_dir
         self._max_zip_bytes = max_zip_bytes
+        self._trust_anchors = trust_anchors
 
     def import_paths(self, paths: Sequence[Path]) -> ImportReport:
         report = ImportReport()
@@ -276,19 +295,24 @@ class MediaImporter:
         if dataset.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
             report.add(label, ImportStatus.REFUSED, "a DICOMDIR outside the root of its File-set")
             return
+        signatures = (
+            [str(r.status) for r in verify(dataset, trust_anchors=self._trust_anchors)]
+            if "DigitalSignaturesSequence" in dataset
+            else []
+        )
         del dataset
         try:
             self._receiver.receive(path, self._source)
         except InvalidDatasetError as exc:
-            report.add(label, ImportStatus.REFUSED, str(exc), **uids)
+            report.add(label, ImportStatus.REFUSED, str(exc), signatures=signatures, **uids)
         except StorageError as exc:
             logger.error("import: storage failed: %s", exc)
-            report.add(label, ImportStatus.REFUSED, "storage unavailable", **uids)
+            report.add(label, ImportStatus.REFUSED, "storage unavailable", signatures=signatures, **uids)
         except PublishError as exc:
             logger.error("import: publishing the ingest message failed: %s", exc)
-            report.add(label, ImportStatus.REFUSED, "ingest queue unavailable", **uids)
+            report.add(label, ImportStatus.REFUSED, "ingest queue unavailable", signatures=signatures, **uids)
         else:
-            report.add(label, ImportStatus.STORED, **uids)
+            report.add(label, ImportStatus.STORED, signatures=signatures, **uids)
 
 
 def _extract(archive: zipfile.ZipFile, entry: zipfile.ZipInfo, root: Path) -> None:

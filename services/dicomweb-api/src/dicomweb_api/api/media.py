@@ -43,6 +43,7 @@ from dicomweb_api.security import Permission, Principal, require
 from dicomweb_api.security.audit import audited
 from pacs_common.audit import AuditAction, AuditEventId, AuditObject, AuditOutcome
 from pacs_common.dicom.deidentify import MIN_SALT_BYTES, Deidentifier, DeidentifyOptions, DeidentifySettings
+from pacs_common.dicom.signature_settings import SignatureSettings, SignatureSetupError, Signer
 from pacs_common.jobs import Job, JobKind, JobRepository, JobState
 from pacs_common.media.export import (
     ExportCancelledError,
@@ -80,6 +81,8 @@ class ExportRequest(BaseModel):
     study_uids: list[Uid] = Field(min_length=1, max_length=1000)
     deidentify: bool = False
     explicit_vr_little_endian: bool = False
+    # Sign every instance with the deployment's key (PACS_SIGNATURE_*).
+    sign: bool = False
     deidentify_options: DeidentifyOptions | None = None
 
 
@@ -112,6 +115,15 @@ def _deidentifier(request: ExportRequest) -> Deidentifier | None:
             f"(at least {MIN_SALT_BYTES} bytes)",
         ) from None
     return Deidentifier(salt, request.deidentify_options or DeidentifyOptions())
+
+
+def _signer(request: ExportRequest) -> Signer | None:
+    if not request.sign:
+        return None
+    try:
+        return SignatureSettings().signer()
+    except (SignatureSetupError, ValidationError) as exc:
+        raise HTTPException(status_code=503, detail=f"signing is not configured: {exc}") from None
 
 
 def _sweep(exports: Path, retention_seconds: float) -> None:
@@ -254,14 +266,17 @@ def create_router(settings: MediaSettings | None = None) -> APIRouter:
             details={"operation": "media-export", "deidentify": body.deidentify},
         ):
             deidentifier = _deidentifier(body)
+            signer = _signer(body)
             try:
                 sources = await find_export_sources(context.pool, body.study_uids)
             except MissingStudiesError as exc:
                 raise HTTPException(status_code=404, detail=str(exc)) from exc
             options = ExportOptions(
-                deidentify=body.deidentify, explicit_vr_little_endian=body.explicit_vr_little_endian
+                deidentify=body.deidentify,
+                explicit_vr_little_endian=body.explicit_vr_little_endian,
+                sign=body.sign,
             )
-            exporter = FileSetExporter(context.storage, options, deidentifier=deidentifier)
+            exporter = FileSetExporter(context.storage, options, deidentifier=deidentifier, signer=signer)
             exports = _exports_dir(context)
             await asyncio.to_thread(_sweep, exports, media.export_retention_seconds)
             job = await JobRepository(context.pool).start(
@@ -270,6 +285,7 @@ def create_router(settings: MediaSettings | None = None) -> APIRouter:
                     "study_uids": body.study_uids,
                     "deidentify": body.deidentify,
                     "explicit_vr_little_endian": body.explicit_vr_little_endian,
+                    "sign": body.sign,
                 },
                 total=len(sources),
                 created_by=principal.subject,
@@ -367,6 +383,7 @@ def create_router(settings: MediaSettings | None = None) -> APIRouter:
                     IngestSource(protocol="import", peer=f"{client.host}:{client.port}" if client else None),
                     spool_dir=spool,
                     max_zip_bytes=media.max_import_uncompressed_bytes,
+                    trust_anchors=await asyncio.to_thread(SignatureSettings().anchors),
                 )
                 report = ImportReport()
                 await asyncio.to_thread(importer.import_path, upload, report, label="upload.zip")
