@@ -26,13 +26,11 @@ from pydantic import ValidationError
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import MediaStorageDirectoryStorage
 
-from pacs_common.cli.common import CliError
+from pacs_common.cli.common import CliError, deidentify_salt
 from pacs_common.cli.files import input_files
 from pacs_common.dicom.deidentify import (
-    MIN_SALT_BYTES,
     Deidentifier,
     DeidentifyOptions,
-    DeidentifySettings,
 )
 
 EXIT_OK = 0
@@ -76,7 +74,7 @@ class _Report:
 
 
 def run(args: argparse.Namespace) -> int:
-    deidentifier = Deidentifier(_salt(args.salt_file), _options(args))
+    deidentifier = Deidentifier(deidentify_salt(args.salt_file), _options(args))
     output: Path = args.output.absolute()
     report = _Report()
 
@@ -108,24 +106,6 @@ def _options(args: argparse.Namespace) -> DeidentifyOptions:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise CliError(f"invalid option: {problems}") from exc
-
-
-def _salt(salt_file: Path | None) -> bytes:
-    if salt_file is not None:
-        try:
-            salt = salt_file.read_bytes().rstrip(b"\r\n")
-        except OSError as exc:
-            raise CliError(f"cannot read the salt file {salt_file}: {exc.strerror}") from exc
-        if len(salt) < MIN_SALT_BYTES:
-            raise CliError(f"the salt in {salt_file} is shorter than {MIN_SALT_BYTES} bytes")
-        return salt
-    try:
-        return DeidentifySettings().salt_bytes()
-    except ValidationError as exc:
-        raise CliError(
-            f"a secret salt of at least {MIN_SALT_BYTES} bytes is required: "
-            "give --salt-file or set PACS_DEIDENTIFY_SALT"
-        ) from exc
 
 
 def _process(path: Path, output: Path, deidentifier: Deidentifier, report: _Report) -> None:

@@ -120,3 +120,27 @@ async def open_broker(settings: BrokerSettings, *, declare: bool) -> AsyncIterat
         yield broker
     finally:
         await broker.close()
+
+
+def deidentify_salt(salt_file: Path | None) -> bytes:
+    """The secret salt of de-identification: from ``salt_file`` when given,
+    else ``PACS_DEIDENTIFY_SALT`` (a CliError saying what to do otherwise)."""
+    from pydantic import ValidationError
+
+    from pacs_common.dicom.deidentify import MIN_SALT_BYTES, DeidentifySettings
+
+    if salt_file is not None:
+        try:
+            salt = salt_file.read_bytes().rstrip(b"\r\n")
+        except OSError as exc:
+            raise CliError(f"cannot read the salt file {salt_file}: {exc.strerror}") from exc
+        if len(salt) < MIN_SALT_BYTES:
+            raise CliError(f"the salt in {salt_file} is shorter than {MIN_SALT_BYTES} bytes")
+        return salt
+    try:
+        return DeidentifySettings().salt_bytes()
+    except ValidationError as exc:
+        raise CliError(
+            f"de-identification needs a secret salt of at least {MIN_SALT_BYTES} bytes: "
+            "give --salt-file or set PACS_DEIDENTIFY_SALT"
+        ) from exc

@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from pacs_common.cli.common import CliError, broker_settings, connect_database, database_settings
+from pacs_common.cli.common import (
+    CliError,
+    broker_settings,
+    connect_database,
+    database_settings,
+    deidentify_salt,
+)
 from pacs_common.localrun.infra import run_sync
 
 if TYPE_CHECKING:
@@ -94,26 +100,6 @@ def _trust_anchors() -> list[x509.Certificate] | None:
         raise CliError(f"PACS_SIGNATURE_TRUST_ANCHORS: {exc}") from exc
 
 
-def _salt(salt_file: Path | None) -> bytes:
-    from pacs_common.dicom.deidentify import MIN_SALT_BYTES, DeidentifySettings
-
-    if salt_file is not None:
-        try:
-            salt = salt_file.read_bytes().rstrip(b"\r\n")
-        except OSError as exc:
-            raise CliError(f"cannot read the salt file {salt_file}: {exc.strerror}") from exc
-        if len(salt) < MIN_SALT_BYTES:
-            raise CliError(f"the salt in {salt_file} is shorter than {MIN_SALT_BYTES} bytes")
-        return salt
-    try:
-        return DeidentifySettings().salt_bytes()
-    except ValidationError as exc:
-        raise CliError(
-            f"--deidentify needs a secret salt of at least {MIN_SALT_BYTES} bytes: "
-            "give --salt-file or set PACS_DEIDENTIFY_SALT"
-        ) from exc
-
-
 def run_export(args: argparse.Namespace) -> int:
     from pacs_common.dicom.deidentify import Deidentifier
     from pacs_common.media.export import (
@@ -135,7 +121,7 @@ def run_export(args: argparse.Namespace) -> int:
     options = ExportOptions(
         deidentify=args.deidentify, explicit_vr_little_endian=args.explicit_le, sign=args.sign
     )
-    deidentifier = Deidentifier(_salt(args.salt_file)) if args.deidentify else None
+    deidentifier = Deidentifier(deidentify_salt(args.salt_file)) if args.deidentify else None
     signer = _signer() if args.sign else None
     settings = database_settings(args.project_dir)
 
