@@ -1,11 +1,12 @@
 """The prefetch-scheduler process: settings → pool → storage → its parts.
 
-One process hosts three parts that share the pool, the storage tiers and
+One process hosts four parts that share the pool, the storage tiers and
 one metrics registry, and run side by side until SIGTERM/SIGINT:
 
 * the prior-study prefetch (:mod:`prefetch_scheduler.prefetch`);
 * the scheduled maintenance tasks (:mod:`prefetch_scheduler.tasks`);
-* the routing auto-forwarder (:mod:`prefetch_scheduler.forwarding`).
+* the routing auto-forwarder (:mod:`prefetch_scheduler.forwarding`);
+* PACS-to-PACS sync relations (:mod:`prefetch_scheduler.sync`).
 
 Every part is stateless and coordinates with other replicas through
 PostgreSQL, so any number of these processes may run.  A part that ends or
@@ -37,6 +38,7 @@ from pacs_common.telemetry import configure_logging, configure_tracing, create_o
 from prefetch_scheduler.forwarding.service import run_forwarder
 from prefetch_scheduler.prefetch.service import run_prefetch
 from prefetch_scheduler.prefetch.settings import PrefetchSettings
+from prefetch_scheduler.sync.service import run_sync
 from prefetch_scheduler.tasks.service import run_task_scheduler
 
 __all__ = ["ALL_PARTS", "SERVICE", "PartCrashedError", "SchedulerServices", "main", "run", "run_parts"]
@@ -45,7 +47,8 @@ SERVICE: Final = "prefetch-scheduler"
 PREFETCH: Final = "prefetch"
 TASKS: Final = "tasks"
 FORWARDING: Final = "forwarding"
-ALL_PARTS: Final = (PREFETCH, TASKS, FORWARDING)
+SYNC: Final = "sync"
+ALL_PARTS: Final = (PREFETCH, TASKS, FORWARDING, SYNC)
 # Once one part has stopped (or failed), the others get this long to finish.
 _STOP_GRACE_SECONDS: Final = 45.0
 
@@ -83,6 +86,8 @@ def _parts(  # noqa: PLR0917 - the wiring, in one place
         parts[TASKS] = lambda stop: run_task_scheduler(pool, storage, registry, stop)
     if FORWARDING in wanted:
         parts[FORWARDING] = lambda stop: run_forwarder(pool, broker_settings, storage, registry, stop)
+    if SYNC in wanted:
+        parts[SYNC] = lambda stop: run_sync(pool, storage, registry, stop)
     return parts
 
 
@@ -188,7 +193,7 @@ async def run(
         logger.info("%s stopped", SERVICE)
 
 
-#: Three parts share the pool: prefetch jobs, the task scheduler and the
+#: Four parts share the pool: prefetch jobs, the task scheduler, sync and the
 #: forwarder (which holds up to PACS_FORWARD_EVENT_CONCURRENCY connections
 #: while it handles events); the library default of 10 is too tight.
 _POOL_MAX_SIZE: Final = 24

@@ -18,6 +18,7 @@ from dicomweb_api.api import (
     nodes,
     prefetch,
     routing_rules,
+    sync,
     system,
     tasks,
     worklist,
@@ -44,6 +45,7 @@ def create_router() -> APIRouter:
         tasks,
         ai,
         media,
+        sync,
     ):
         router.include_router(module.create_router())
     router.include_router(create_deidentify_router())

@@ -198,7 +198,7 @@ class RemotePacs:
         assoc = self._associate(peer, context, self._timeouts.find)
         studies: list[RemoteStudy] = []
         try:
-            for status, response in _responses(assoc.send_c_find(identifier, context), peer, "C-FIND"):
+            for status, response in checked_responses(assoc.send_c_find(identifier, context), peer, "C-FIND"):
                 code = int(status.Status)
                 if code in PENDING:
                     study = _study(response, peer.ae_title) if response is not None else None
@@ -223,7 +223,9 @@ class RemotePacs:
         assoc = self._associate(peer, context, self._timeouts.move)
         try:
             final: Dataset | None = None
-            for status, _ in _responses(assoc.send_c_move(identifier, destination, context), peer, "C-MOVE"):
+            for status, _ in checked_responses(
+                assoc.send_c_move(identifier, destination, context), peer, "C-MOVE"
+            ):
                 if int(status.Status) not in PENDING:
                     final = status
         finally:
@@ -249,7 +251,7 @@ class RemotePacs:
         raise OperationFailedError(f"C-MOVE at {peer}: status 0x{code:04X} ({meaning}){_comment(final)}")
 
 
-def _responses(
+def checked_responses(
     responses: Iterator[tuple[Dataset, Dataset | None]], peer: Peer, operation: str
 ) -> Iterator[tuple[Dataset, Dataset | None]]:
     """The responses; an empty status (pynetdicom's way of saying the DIMSE
