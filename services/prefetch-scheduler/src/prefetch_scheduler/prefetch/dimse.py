@@ -213,12 +213,9 @@ class RemotePacs:
             assoc.release()
         return studies
 
-    def move_study(self, peer: Peer, study_instance_uid: str, destination: str) -> MoveResult:
-        """C-MOVE one study to ``destination``; raises :class:`RemoteError`
-        unless every sub-operation succeeded (warnings count as success)."""
-        identifier = Dataset()
-        identifier.QueryRetrieveLevel = "STUDY"
-        identifier.StudyInstanceUID = study_instance_uid
+    def send_move(self, peer: Peer, identifier: Dataset, destination: str) -> tuple[Dataset, MoveResult]:
+        """One Study Root C-MOVE: its final response and the sub-operation
+        counts (no association, or no final response, raises)."""
         context = StudyRootQueryRetrieveInformationModelMove
         assoc = self._associate(peer, context, self._timeouts.move)
         try:
@@ -232,12 +229,21 @@ class RemotePacs:
             assoc.release()
         if final is None:
             raise OperationFailedError(f"C-MOVE at {peer}: no final response")
-        code = int(final.Status)
         result = MoveResult(
             completed=int(final.get("NumberOfCompletedSuboperations", 0) or 0),
             failed=int(final.get("NumberOfFailedSuboperations", 0) or 0),
             warning=int(final.get("NumberOfWarningSuboperations", 0) or 0),
         )
+        return final, result
+
+    def move_study(self, peer: Peer, study_instance_uid: str, destination: str) -> MoveResult:
+        """C-MOVE one study to ``destination``; raises :class:`RemoteError`
+        unless every sub-operation succeeded (warnings count as success)."""
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = study_instance_uid
+        final, result = self.send_move(peer, identifier, destination)
+        code = int(final.Status)
         if code == SUCCESS or (code == SOME_SUBOPERATIONS_FAILED and result.failed == 0):
             return result
         if code == SOME_SUBOPERATIONS_FAILED:

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelMove,
 )
 
 from pacs_common.sync.models import SyncFilter
@@ -71,7 +70,6 @@ class SyncScu(RemotePacs):
     def __init__(self, calling_ae_title: str, timeouts: DimseTimeouts) -> None:
         super().__init__(calling_ae_title, timeouts)
         self._find_timeout = timeouts.find
-        self._move_timeout = timeouts.move
 
     def find(self, peer: Peer, identifier: Dataset) -> list[Dataset]:
         context = StudyRootQueryRetrieveInformationModelFind
@@ -165,25 +163,8 @@ class SyncScu(RemotePacs):
             if sop_instance_uids:
                 identifier.QueryRetrieveLevel = "IMAGE"
                 identifier.SOPInstanceUID = list(sop_instance_uids)
-        context = StudyRootQueryRetrieveInformationModelMove
-        assoc = self._associate(peer, context, self._move_timeout)
-        final: Dataset | None = None
-        try:
-            for status, _ in checked_responses(
-                assoc.send_c_move(identifier, destination, context), peer, "C-MOVE"
-            ):
-                if int(status.Status) not in PENDING:
-                    final = status
-        finally:
-            assoc.release()
-        if final is None:
-            raise OperationFailedError(f"C-MOVE at {peer}: no final response")
+        final, result = self.send_move(peer, identifier, destination)
         code = int(final.Status)
-        result = MoveResult(
-            completed=int(final.get("NumberOfCompletedSuboperations", 0) or 0),
-            failed=int(final.get("NumberOfFailedSuboperations", 0) or 0),
-            warning=int(final.get("NumberOfWarningSuboperations", 0) or 0),
-        )
         if code in (SUCCESS, 0xB000):
             return result
         if code == 0xA801:
