@@ -72,5 +72,10 @@ class AssociationObserver:
 
 
 def _rejection_reason(event: Event) -> str | None:
+    """The A-ASSOCIATE-RJ's reason, with its (result, source, reason) codes (PS3.8 Table 9-21)."""
     primitive = event.assoc.acceptor.primitive
-    return getattr(primitive, "reason_str", None) if primitive is not None else None
+    if primitive is None:
+        return None
+    text = getattr(primitive, "reason_str", None)
+    codes = (primitive.result, primitive.result_source, primitive.diagnostic)
+    return f"{text} {codes}" if text else None

@@ -9,7 +9,9 @@ association thread, never failing a DICOM operation).
   destination and the studies sent;
 * MPPS N-CREATE / N-SET: a Procedure Record; Storage Commitment N-ACTION:
   Instances Accessed (Execute);
-* a refused association: a Security Alert.
+* a refused association (A-ASSOCIATE-RJ, with its result / source / reason),
+  a request the AE-title policy refused (0x0124), a failed TLS handshake:
+  Security Alerts.
 
 The actor is always the calling AE title, from the peer's address.
 """
@@ -235,16 +237,59 @@ class DimseAudit:
     def _on_rejected(self, event: Event) -> None:
         primitive = event.assoc.acceptor.primitive
         called = event.assoc.requestor.primitive
+        details: dict[str, Any] = {
+            "operation": "A-ASSOCIATE",
+            "called_ae_title": str(called.called_ae_title).strip() if called is not None else None,
+            "reason": getattr(primitive, "reason_str", None) if primitive is not None else None,
+        }
+        if primitive is not None and primitive.result is not None:
+            # PS3.8 Table 9-21: Result, Source, Reason/Diag. of the A-ASSOCIATE-RJ.
+            details["result"] = primitive.result
+            details["source"] = primitive.result_source
+            details["diagnostic"] = primitive.diagnostic
         self._submit(
             AuditRecord(
                 event=AuditEventId.SECURITY_ALERT,
                 action=AuditAction.EXECUTE,
                 outcome=AuditOutcome.MINOR_FAILURE,
                 actor=actor_of(event.assoc),
+                details=details,
+            )
+        )
+
+    def request_refused(self, assoc: Association, operation: str, sop_class_uid: str, reason: str) -> None:
+        """A DIMSE request the AE-title policy answered 0x0124 (Refused: Not Authorized)."""
+        self._submit(
+            AuditRecord(
+                event=AuditEventId.SECURITY_ALERT,
+                action=AuditAction.EXECUTE,
+                outcome=AuditOutcome.MINOR_FAILURE,
+                actor=actor_of(assoc),
+                objects=[AuditObject(type="query", id=sop_class_uid)] if sop_class_uid else [],
                 details={
-                    "operation": "A-ASSOCIATE",
-                    "called_ae_title": str(called.called_ae_title) if called is not None else None,
-                    "reason": getattr(primitive, "reason_str", None) if primitive is not None else None,
+                    "operation": operation,
+                    "status": "0x0124",
+                    "reason": reason,
+                    "called_ae_title": self._ae_title,
+                },
+            )
+        )
+
+    def tls_handshake_failed(self, address: str, reason: str, detail: str) -> None:
+        """A TLS connection refused before any PDU (Node Authentication failure, PS3.15 A.5.3.11)."""
+        host = address.rsplit(":", 1)[0]
+        self._submit(
+            AuditRecord(
+                event=AuditEventId.SECURITY_ALERT,
+                action=AuditAction.EXECUTE,
+                outcome=AuditOutcome.SERIOUS_FAILURE,
+                actor=AuditActor(name="unknown", method="dicom-tls", address=host),
+                details={
+                    "operation": "TLS handshake",
+                    "event_type": "Node Authentication",
+                    "reason": reason,
+                    "detail": detail[:256],
+                    "peer": address,
                 },
             )
         )

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -97,6 +98,7 @@ class CommitmentHandler:
         ae_title: str,
         resolve_requester: RequesterResolver | None = None,
         audit: DimseAudit | None = None,
+        ssl_context_factory: Callable[[], ssl.SSLContext] | None = None,
     ) -> None:
         self._pool = pool
         self._settings = settings
@@ -104,6 +106,8 @@ class CommitmentHandler:
         self._ae_title = ae_title
         self._resolve = resolve_requester or self._resolve_from_registry
         self._audit = audit
+        # TLS towards requesters marked `tls` in the registry.
+        self._ssl_context_factory = ssl_context_factory
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=settings.commitment_workers, thread_name_prefix="commitment"
         )
@@ -289,8 +293,11 @@ class CommitmentHandler:
         address = self._resolve(requester)
         if address is None:
             raise ReportError(f"{requester} is not a registered node allowed to use commitment")
+        tls_args = None
         if address.tls:
-            raise ReportError(f"{requester} wants TLS, which reports do not support yet")
+            if self._ssl_context_factory is None:
+                raise ReportError(f"{requester} wants TLS and no TLS client context is configured")
+            tls_args = (self._ssl_context_factory(), address.host)
         ae = AE(ae_title=self._ae_title)
         ae.acse_timeout = self._settings.commitment_connect_timeout_seconds
         ae.network_timeout = self._settings.commitment_report_timeout_seconds
@@ -298,7 +305,9 @@ class CommitmentHandler:
         ae.add_requested_context(wf.STORAGE_COMMITMENT_PUSH_MODEL, wf.TRANSFER_SYNTAXES)
         # PS3.4 J.3.3: the association requester (this AE) takes the SCP role.
         role = build_role(wf.STORAGE_COMMITMENT_PUSH_MODEL, scu_role=False, scp_role=True)
-        assoc = ae.associate(address.host, address.port, ae_title=address.ae_title, ext_neg=[role])
+        assoc = ae.associate(
+            address.host, address.port, ae_title=address.ae_title, ext_neg=[role], tls_args=tls_args
+        )
         if not assoc.is_established:
             what = "rejected" if assoc.is_rejected else "aborted or unreachable"
             raise ReportError(f"association to {address.ae_title}@{address.host}:{address.port} {what}")
