@@ -78,6 +78,12 @@ async def test_record_stores_the_event(db_pool: asyncpg.Pool) -> None:
     assert stored == event
     assert stored.details == {"path": "/dicom-web/studies/x", "instances": 3}
     assert stored.objects[0].name == "Doe^Jane"
+    # Objects in the jsonb columns, not JSON strings: SQL reports can look inside them.
+    row = await db_pool.fetchrow(
+        "SELECT details->>'path' AS path, jsonb_typeof(objects) AS objects FROM audit_event WHERE pk = $1",
+        event.id,
+    )
+    assert row is not None and row["path"] == "/dicom-web/studies/x" and row["objects"] == "array"
 
 
 async def test_dimse_actor_and_patients_resolved_from_the_index(db_pool: asyncpg.Pool) -> None:

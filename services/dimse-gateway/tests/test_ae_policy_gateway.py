@@ -229,8 +229,8 @@ async def _security_alerts(db_pool: asyncpg.Pool, gateway: PolicyGateway, actor:
 
 
 def _json_object(value: Any) -> dict[str, Any]:
-    """A jsonb column as read by plain asyncpg (the audit log stores details as a JSON-encoded string)."""
-    while isinstance(value, str):
+    """A jsonb column as read by plain asyncpg: JSON text of an object (not of a string)."""
+    if isinstance(value, str):
         value = json.loads(value)
     assert isinstance(value, dict)
     return value

@@ -485,8 +485,8 @@ def _wait_indexed(pacs: TlsPacs, sop_instance_uid: str) -> bool:
 
 
 def _json_object(value: Any) -> dict[str, Any]:
-    """A jsonb column as read by plain asyncpg (the audit log stores details as a JSON-encoded string)."""
-    while isinstance(value, str):
+    """A jsonb column as read by plain asyncpg: JSON text of an object (not of a string)."""
+    if isinstance(value, str):
         value = json.loads(value)
     assert isinstance(value, dict)
     return value

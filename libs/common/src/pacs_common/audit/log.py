@@ -37,7 +37,9 @@ _COLUMNS: Final = """
 _INSERT: Final = f"""
     INSERT INTO audit_event (event_id, event_name, action, outcome, actor, actor_method, actor_roles,
                              source_address, patient_id, study_uids, objects, details)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12::jsonb)
+    -- JSON text, parsed by the server (::text::jsonb): with a bare ::jsonb the
+    -- pool's jsonb codec would encode the text again into a JSON string.
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::text::jsonb, $12::text::jsonb)
     RETURNING {_COLUMNS}
 """
 
@@ -63,9 +65,15 @@ def _event(row: asyncpg.Record) -> AuditEvent:
         source_address=row["source_address"],
         patient_id=row["patient_id"],
         study_uids=list(row["study_uids"]),
-        objects=[AuditObject.model_validate(o) for o in json.loads(row["objects"])],
-        details=json.loads(row["details"]),
+        objects=[AuditObject.model_validate(o) for o in _json_value(row["objects"])],
+        details=_json_value(row["details"]),
     )
+
+
+def _json_value(value: Any) -> Any:
+    """A jsonb value as the pool's codec decoded it; rows written before
+    migration 0014 may still hold the JSON text as a string."""
+    return json.loads(value) if isinstance(value, str) else value
 
 
 async def _patients_of(connection: _Connection, study_uids: Sequence[str]) -> list[AuditObject]:
