@@ -112,6 +112,25 @@ def _storage_errors(tier: str, key: str) -> Iterator[None]:
         raise Transient("storage-unavailable", f"reading {key!r} failed: {exc}") from exc
 
 
+@contextlib.contextmanager
+def _commit_spans(parents: list[Span]) -> Iterator[list[Span]]:
+    """One "index commit" span per instance, child of its delivery's span,
+    around the batch's index transaction (shared by the batch)."""
+    spans = [
+        tracer.start_span(
+            "index commit",
+            context=trace.set_span_in_context(parent),
+            attributes={"db.system": "postgresql", "db.operation": "COMMIT", "pacs.batch_size": len(parents)},
+        )
+        for parent in parents
+    ]
+    try:
+        yield spans
+    finally:
+        for span in spans:
+            span.end()
+
+
 def _reconcile(message: IngestMessage, item: IndexItem) -> None:
     """The UIDs in the message are the ones the receiver checked and stored
     under; an object that says otherwise must not be indexed as them."""
@@ -220,7 +239,11 @@ class BatchIndexer:
             return
 
         stage = time.perf_counter()
-        results = await self._index_resilient(ready)
+        with _commit_spans([span for _, _, span in ready]) as commit_spans:
+            results = await self._index_resilient(ready)
+            for commit_span, result in zip(commit_spans, results, strict=True):
+                if isinstance(result, Permanent):
+                    commit_span.set_status(Status(StatusCode.ERROR, result.reason))
         self._metrics.stage_seconds.labels("index").observe(time.perf_counter() - stage)
 
         committed: list[tuple[Delivery, IndexResult, Span]] = []
@@ -310,7 +333,7 @@ class BatchIndexer:
             received_at = received_at.replace(tzinfo=UTC)
         try:
             item = IndexItem.build(parsed, location, received_at, message.source.calling_ae_title)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:  # what the object holds, not a passing failure
             raise Permanent("not-indexable", str(exc)) from exc
         _reconcile(message, item)
         if parsed.warnings:
@@ -382,9 +405,24 @@ class BatchIndexer:
         if result.outcome in ("created", "replaced"):
             self._metrics.bytes.inc(item.location.size)
             self._metrics.lag_seconds.observe(max(0.0, (now - delivery.message.received_at).total_seconds()))
+        if result.duplicate is not None:
+            self._metrics.duplicates.labels(result.duplicate.decision).inc()
+        with trace.use_span(span):  # the log lines carry the instance's trace id
+            self._log_indexed(delivery, item, result)
+
+    def _log_indexed(self, delivery: Delivery, item: IndexItem, result: IndexResult) -> None:
+        logger.info(
+            "instance indexed",
+            extra={
+                "sop_instance_uid": result.sop_instance_uid,
+                "study_instance_uid": result.study_instance_uid,
+                "outcome": result.outcome,
+                "key": item.location.key,
+                "message_id": str(delivery.message.message_id),
+            },
+        )
         duplicate = result.duplicate
         if duplicate is not None:
-            self._metrics.duplicates.labels(duplicate.decision).inc()
             logger.info(
                 "duplicate instance",
                 extra={
@@ -462,8 +500,12 @@ class BatchIndexer:
     # -- settling failures ---------------------------------------------------
 
     async def _settle_failure(self, delivery: Delivery, error: BaseException, span: Span) -> None:
-        message = delivery.message
         span.set_status(Status(StatusCode.ERROR, str(error)))
+        with trace.use_span(span):  # the log lines carry the instance's trace id
+            await self._settle_failure_in_span(delivery, error)
+
+    async def _settle_failure_in_span(self, delivery: Delivery, error: BaseException) -> None:
+        message = delivery.message
         if isinstance(error, Permanent):
             self._metrics.failures.labels(
                 "parse" if error.kind != "index-refused" else "index", error.kind

@@ -52,16 +52,24 @@ def _pn_text(value: Any) -> str:
     return str(value)
 
 
+def _without_nul(vr: str, text: str) -> str:
+    # No indexed value holds one (PostgreSQL text cannot): a query that has
+    # one is malformed, not a reason for the database to fail.
+    if "\x00" in text:
+        raise InvalidKeyError(f"a {vr} value holds a NUL character")
+    return text
+
+
 def _value_text(vr: str, value: Any) -> str:
     if value is None:
         return ""
     if vr == "PN":
-        return _pn_text(value)
+        return _without_nul(vr, _pn_text(value))
     if isinstance(value, bool | dict | list):
         raise InvalidKeyError(f"unexpected {type(value).__name__} value for VR {vr}")
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
-    return str(value).strip(" ")
+    return _without_nul(vr, str(value).strip(" ").rstrip("\x00"))  # UIDs may be NUL-padded
 
 
 def _key(tag: str, element: Any) -> Key:

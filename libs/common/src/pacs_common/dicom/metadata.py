@@ -725,6 +725,13 @@ def _json_value(vr: str, items: list[Any], path: str, walker: _Walker) -> dict[s
     if not items:
         return {"vr": vr}
     converted: list[Any]
+    if (vr in _FLOAT_VRS or vr in _INT_VRS or vr == "AT") and not all(
+        v is None or isinstance(v, int | float) for v in items
+    ):
+        # pydicom leaves a binary number whose length is not a multiple of
+        # its size as raw bytes: not a value JSON (or the index) can hold.
+        walker.warn(path, f"{vr} value not a whole number of values: dropped")
+        items = [v if isinstance(v, int | float) else None for v in items]
     if vr in _FLOAT_VRS:
         converted = [v if v is None or math.isfinite(v) else None for v in items]
     elif vr in _INT_VRS:
