@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from typing import Literal, Protocol
 
+import asyncpg
 from fastapi import HTTPException, Request
 from pydantic import BaseModel, ConfigDict
 
 from dicomweb_api.security.permissions import Permission, Role, permissions_of
+from pacs_common.db.pool import is_connection_error
 
 
 class Principal(BaseModel):
@@ -38,6 +40,12 @@ class Authenticator(Protocol):
         ...
 
 
+def _database_unavailable(exc: BaseException) -> bool:
+    """PostgreSQL unreachable, restarting or shutting down (not a bad query); asyncpg's
+    InternalClientError is what a pooled connection the server dropped mid-use can raise."""
+    return is_connection_error(exc) or isinstance(exc, asyncpg.exceptions.InternalClientError)
+
+
 class Require:
     """The dependency ``require(permission)`` returns; FastAPI calls it per request."""
 
@@ -51,6 +59,13 @@ class Require:
         except AuthenticationError as exc:
             raise HTTPException(
                 status_code=401, detail=str(exc), headers={"WWW-Authenticate": 'Bearer realm="pacs"'}
+            ) from exc
+        except Exception as exc:
+            if not _database_unavailable(exc):
+                raise
+            # API tokens are checked in PostgreSQL: while it is unreachable, "retry later".
+            raise HTTPException(
+                status_code=503, detail="credentials cannot be checked now", headers={"Retry-After": "2"}
             ) from exc
         if self.permission not in permissions_of(principal.roles):
             raise HTTPException(status_code=403, detail=f"{self.permission.value} permission required")
