@@ -66,7 +66,7 @@ from pacs_common.query import (
     RetrievableInstance,
     RetrieveRequest,
 )
-from pacs_common.storage import ObjectArchivedError, ObjectStorage, StorageError
+from pacs_common.storage import ObjectArchivedError, ObjectNotFoundError, ObjectStorage, StorageError
 
 __all__ = ["create_router"]
 
@@ -75,6 +75,7 @@ logger = logging.getLogger(__name__)
 CHUNK_SIZE: Final = 1024 * 1024
 # Objects on archive-capable tiers probed at once before a response starts.
 _PROBE_CONCURRENCY: Final = 8
+_STORAGE_RETRY_AFTER_SECONDS: Final = 5
 BULK_DATA_URI: Final = "BulkDataURI"
 
 _METADATA_SQL: Final = """
@@ -171,6 +172,29 @@ async def _check_readable(
     flags = await asyncio.gather(*(archived(i) for i in probed))
     if found := [i.sop_instance_uid for i, flag in zip(probed, flags, strict=True) if flag]:
         raise await restoring(context, found)
+
+
+async def _check_storage_reachable(storages: dict[str, ObjectStorage], first: RetrievableInstance) -> None:
+    """Before the 200 goes out: read one byte of the first object, so an
+    object store that is down (or whose circuit is open) answers 503 rather
+    than a multipart body broken off after its headers.  An outage that
+    starts mid-body can still only break the body off."""
+    storage = storages[first.location.tier]
+    try:
+        await asyncio.to_thread(storage.read_range, first.location.key, 0, 1)
+    except ObjectArchivedError:
+        return  # _check_readable's business; archived since then: the body reports it
+    except ObjectNotFoundError as exc:
+        logger.error("indexed object missing", extra={"key": first.location.key, "tier": first.location.tier})
+        raise HTTPException(
+            status_code=500, detail=f"stored object of {first.sop_instance_uid} is missing"
+        ) from exc
+    except StorageError as exc:
+        raise HTTPException(
+            status_code=503,
+            detail=f"storage tier {first.location.tier} unavailable: {exc}",
+            headers={"Retry-After": str(_STORAGE_RETRY_AFTER_SECONDS)},
+        ) from exc
 
 
 def _read_chunk(stream: BinaryIO) -> bytes:
@@ -287,7 +311,9 @@ async def _retrieve_instances(
     tag = etag(f"{i.sop_instance_uid}:{i.location.sha256}:{syntax}" for i, syntax in plan)
     if if_none_match_hits(request.headers.get("if-none-match"), tag):
         return not_modified(tag)
-    await _check_readable(context, instances, _storages(context, instances))
+    storages = _storages(context, instances)
+    await _check_readable(context, instances, storages)
+    await _check_storage_reachable(storages, instances[0])
     context.record_access(study, [i.sop_instance_uid for i in instances])
     writer = MultipartWriter(DICOM)
     headers = {"ETag": tag, "Vary": "Accept", **CORP_HEADERS}
