@@ -11,12 +11,15 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from pacs_common.resilience import RetryPolicy
+
 __all__ = ["install_stop_signals", "until_connected"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_BACKOFF_MAX_SECONDS = 10.0
+#: Doubling from 0.5 s to 10 s; jittered so replicas that start together spread out.
+_CONNECT_BACKOFF = RetryPolicy(max_attempts=1_000_000, base_delay_seconds=0.5, max_delay_seconds=10.0)
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -24,15 +27,18 @@ async def until_connected(what: str, connect: Callable[[], Awaitable[T]], stop: 
     """Connect, retrying with backoff: a service started before its database
     or broker waits for them (not ready meanwhile) instead of crash-looping.
     None when ``stop`` was set first."""
-    delay = 0.5
+    attempt = 0
     while not stop.is_set():
+        attempt += 1
         try:
             return await connect()
         except Exception as exc:
+            # Half the ceiling for sure, the other half jittered: never a tight loop.
+            ceiling = _CONNECT_BACKOFF.ceiling(attempt)
+            delay = ceiling / 2 + _CONNECT_BACKOFF.delay(attempt) / 2
             logger.warning("%s unavailable, retrying in %.1fs: %s", what, delay, exc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), delay)
-        delay = min(delay * 2, _BACKOFF_MAX_SECONDS)
     return None
 
 

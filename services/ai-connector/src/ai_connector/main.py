@@ -33,10 +33,18 @@ from pacs_common.db.pool import create_pool
 from pacs_common.messaging.broker import Broker
 from pacs_common.messaging.models import IngestMessage, StudyStable
 from pacs_common.receiving import InstanceReceiver
+from pacs_common.resilience import Dependencies
 from pacs_common.settings import BrokerSettings, DatabaseSettings, TelemetrySettings
+from pacs_common.shutdown import CLOSING_RESERVE_SECONDS, ShutdownSettings, finish_within_grace, stop_http
 from pacs_common.startup import install_stop_signals, until_connected
 from pacs_common.storage import ObjectStorage, StorageRegistry
-from pacs_common.telemetry import configure_logging, configure_tracing, create_observability_app, serve_http
+from pacs_common.telemetry import (
+    HttpTlsSettings,
+    configure_logging,
+    configure_tracing,
+    create_observability_app,
+    serve_http,
+)
 
 __all__ = ["SERVICE", "ConnectorServices", "main", "run"]
 
@@ -64,7 +72,8 @@ def _public_url(settings: ConnectorSettings, port: int) -> str:
     if settings.public_url is not None:
         return settings.public_url.rstrip("/")
     host = "127.0.0.1" if settings.http_host in _WILDCARD_HOSTS else settings.http_host
-    return f"http://{host}:{port}"
+    scheme = "https" if HttpTlsSettings().enabled else "http"
+    return f"{scheme}://{host}:{port}"
 
 
 async def run(
@@ -98,9 +107,9 @@ async def run(
         return services.broker is not None and services.broker.is_healthy() and services.intake is not None
 
     app = create_observability_app(
-        SERVICE, {"database": database_ready, "broker": broker_ready}, services.registry
+        SERVICE, {"database": database_ready, "broker": broker_ready}, services.registry, stopping=stop
     )
-    server = await serve_http(app, settings.http_host, settings.http_port)
+    server = await serve_http(app, settings.http_host, settings.http_port, tls=HttpTlsSettings())
     port = int(server.servers[0].sockets[0].getsockname()[1])
     services.http_port = port
     owned_storage: StorageRegistry | None = None
@@ -112,9 +121,13 @@ async def run(
         if services.pool is None or services.broker is None:
             return
         if storage is None:
-            owned_storage = StorageRegistry.from_settings((HOT,))
+            dependencies = Dependencies()  # retries and circuit breaker of the hot tier
+            services.registry.register(dependencies)
+            owned_storage = StorageRegistry.from_settings((HOT,), dependencies=dependencies)
             storage = owned_storage.get(HOT)
-        await _serve(
+        # Attempts in hand finish; one cut at the grace period is retried later.
+        grace = ShutdownSettings().grace_seconds - CLOSING_RESERVE_SECONDS
+        serving = _serve(
             settings,
             services,
             services.pool,
@@ -126,8 +139,10 @@ async def run(
             secrets=os.environ if secrets is None else secrets,
             stop=stop,
         )
+        await finish_within_grace(serving, stop, grace, what="ai-connector")
     finally:
-        server.should_exit = True
+        # Inference callbacks in flight are answered before the port closes.
+        await stop_http(server, 2.0)
         if services.broker is not None:
             await services.broker.close()
         if services.pool is not None:

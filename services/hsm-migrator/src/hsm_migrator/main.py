@@ -28,10 +28,18 @@ from hsm_migrator.service import HsmService, RestoreRunner
 from pacs_common.archive.restore import RestoreProcessor
 from pacs_common.db.pool import create_pool
 from pacs_common.hsm.settings import HsmSettings
+from pacs_common.resilience import Dependencies
 from pacs_common.settings import DatabaseSettings, StorageTiersSettings, TelemetrySettings
+from pacs_common.shutdown import CLOSING_RESERVE_SECONDS, ShutdownSettings, finish_within_grace, stop_http
 from pacs_common.startup import install_stop_signals, until_connected
 from pacs_common.storage import StorageRegistry
-from pacs_common.telemetry import configure_logging, configure_tracing, create_observability_app, serve_http
+from pacs_common.telemetry import (
+    HttpTlsSettings,
+    configure_logging,
+    configure_tracing,
+    create_observability_app,
+    serve_http,
+)
 
 __all__ = ["SERVICE", "HsmServices", "main", "run"]
 
@@ -93,7 +101,10 @@ async def run(
     metrics = HsmMetrics(services.registry)
     owned_storage: StorageRegistry | None = None
     if storage is None:
-        owned_storage = StorageRegistry.from_settings((tiers or StorageTiersSettings()).tiers)
+        dependencies = Dependencies()  # retries and circuit breakers of the storage tiers
+        services.registry.register(dependencies)
+        tier_names = (tiers or StorageTiersSettings()).tiers
+        owned_storage = StorageRegistry.from_settings(tier_names, dependencies=dependencies)
         storage = owned_storage
     services.storage = storage
     missing = settings.tiers_named() - set(storage.names)
@@ -113,8 +124,8 @@ async def run(
             return await asyncio.to_thread(_tier_check, services.storage, tier)
 
         checks[f"storage:{tier}"] = tier_ready
-    app = create_observability_app(SERVICE, checks, services.registry)
-    server = await serve_http(app, settings.http_host, settings.http_port)
+    app = create_observability_app(SERVICE, checks, services.registry, stopping=stop)
+    server = await serve_http(app, settings.http_host, settings.http_port, tls=HttpTlsSettings())
     services.http_port = int(server.servers[0].sockets[0].getsockname()[1])
     try:
         services.pool = await until_connected(
@@ -136,9 +147,11 @@ async def run(
             },
         )
         await services.service.refresh_statistics()
-        await services.service.run(stop)
+        # Moves in hand finish; one cut at the grace period is finished by a later pass.
+        grace = ShutdownSettings().grace_seconds - CLOSING_RESERVE_SECONDS
+        await finish_within_grace(services.service.run(stop), stop, grace, what="hsm-migrator")
     finally:
-        server.should_exit = True
+        await stop_http(server, 1.0)
         if services.pool is not None:
             await services.pool.close()
         if owned_storage is not None:

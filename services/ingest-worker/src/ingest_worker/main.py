@@ -25,6 +25,7 @@ from pacs_common.db.index import InstanceIndex
 from pacs_common.db.pool import create_pool
 from pacs_common.messaging.broker import Broker
 from pacs_common.messaging.consumer import IngestConsumer
+from pacs_common.resilience import Dependencies
 from pacs_common.settings import (
     BrokerSettings,
     DatabaseSettings,
@@ -32,14 +33,21 @@ from pacs_common.settings import (
     TelemetrySettings,
     WorkerSettings,
 )
+from pacs_common.shutdown import CLOSING_RESERVE_SECONDS, GracePeriod, ShutdownSettings, stop_http
 from pacs_common.startup import install_stop_signals, until_connected
 from pacs_common.storage import StorageRegistry
-from pacs_common.telemetry import configure_logging, configure_tracing, create_observability_app, serve_http
+from pacs_common.telemetry import (
+    HttpTlsSettings,
+    configure_logging,
+    configure_tracing,
+    create_observability_app,
+    report_stopping,
+    serve_http,
+)
 
 __all__ = ["SERVICE", "WorkerServices", "main", "run"]
 
 SERVICE: Final = "ingest-worker"
-_SHUTDOWN_GRACE_SECONDS = 60.0
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +59,7 @@ class WorkerServices:
 
     pool: asyncpg.Pool | None = None
     broker: Broker | None = None
+    storage: StorageResolver | None = None
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     # The port the HTTP endpoints listen on (the one asked for, or the one
     # the system chose for port 0).
@@ -84,10 +93,22 @@ async def run(
     async def broker_ready() -> bool:
         return services.broker is not None and services.broker.is_healthy()
 
+    async def storage_ready() -> bool:
+        # The tier ingest reads from answers (a missing probe key is fine).
+        if services.storage is None:
+            return False
+        await asyncio.to_thread(services.storage.get("hot").stat, ".pacs-readiness-probe")
+        return True
+
     app = create_observability_app(
-        SERVICE, {"database": database_ready, "broker": broker_ready}, services.registry
+        SERVICE,
+        {"database": database_ready, "broker": broker_ready, "storage": storage_ready},
+        services.registry,
     )
-    server = await serve_http(app, worker_settings.http_host, worker_settings.http_port)
+    report_stopping(app, stop)  # readiness says "stopping" from the SIGTERM on
+    server = await serve_http(
+        app, worker_settings.http_host, worker_settings.http_port, tls=HttpTlsSettings()
+    )
     services.http_port = int(server.servers[0].sockets[0].getsockname()[1])
     owned_storage: StorageRegistry | None = None
     try:
@@ -100,11 +121,16 @@ async def run(
         if storage is None:
             # Every configured tier (PACS_STORAGE_TIERS): ingest writes to hot,
             # but a message may name any tier the index knows.
-            owned_storage = StorageRegistry.from_settings(StorageTiersSettings().tiers)
+            dependencies = Dependencies()  # retries and circuit breakers of the storage tiers
+            services.registry.register(dependencies)
+            owned_storage = StorageRegistry.from_settings(
+                StorageTiersSettings().tiers, dependencies=dependencies
+            )
             storage = owned_storage
+        services.storage = storage
         await _serve(worker_settings, services.pool, services.broker, storage, metrics, stop)
     finally:
-        server.should_exit = True
+        await stop_http(server, 1.0)
         if services.broker is not None:
             await services.broker.close()
         if services.pool is not None:
@@ -163,8 +189,13 @@ async def _serve(  # noqa: PLR0917 - the wiring, in one place
         if indexing.done():
             indexing.result()  # the consumer loop ended by itself: surface why
         logger.info("stopping: finishing the batch in hand")
-        await asyncio.wait_for(indexer.stop(), _SHUTDOWN_GRACE_SECONDS)
-        await asyncio.wait_for(indexing, _SHUTDOWN_GRACE_SECONDS)
+        grace = GracePeriod(ShutdownSettings().grace_seconds)
+        try:
+            await asyncio.wait_for(indexer.stop(), grace.remaining(reserve=CLOSING_RESERVE_SECONDS))
+            await asyncio.wait_for(indexing, grace.remaining(reserve=CLOSING_RESERVE_SECONDS))
+        except TimeoutError:
+            # Never acked: the batch returns to the queue when the channel closes.
+            logger.warning("grace period over: the batch in hand is left to be redelivered")
     finally:
         stopped.cancel()
         background_stop.set()

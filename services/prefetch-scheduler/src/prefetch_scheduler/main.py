@@ -31,10 +31,18 @@ import asyncpg
 from prometheus_client import CollectorRegistry
 
 from pacs_common.db.pool import create_pool
+from pacs_common.resilience import Dependencies
 from pacs_common.settings import BrokerSettings, DatabaseSettings, StorageTiersSettings, TelemetrySettings
+from pacs_common.shutdown import CLOSING_RESERVE_SECONDS, ShutdownSettings, stop_http
 from pacs_common.startup import install_stop_signals, until_connected
 from pacs_common.storage import StorageRegistry
-from pacs_common.telemetry import configure_logging, configure_tracing, create_observability_app, serve_http
+from pacs_common.telemetry import (
+    HttpTlsSettings,
+    configure_logging,
+    configure_tracing,
+    create_observability_app,
+    serve_http,
+)
 from prefetch_scheduler.forwarding.service import run_forwarder
 from prefetch_scheduler.prefetch.service import run_prefetch
 from prefetch_scheduler.prefetch.settings import PrefetchSettings
@@ -49,8 +57,6 @@ TASKS: Final = "tasks"
 FORWARDING: Final = "forwarding"
 SYNC: Final = "sync"
 ALL_PARTS: Final = (PREFETCH, TASKS, FORWARDING, SYNC)
-# Once one part has stopped (or failed), the others get this long to finish.
-_STOP_GRACE_SECONDS: Final = 45.0
 
 logger = logging.getLogger(__name__)
 
@@ -77,15 +83,20 @@ def _parts(  # noqa: PLR0917 - the wiring, in one place
     broker_settings: BrokerSettings,
     storage: StorageRegistry,
     registry: CollectorRegistry,
+    dependencies: Dependencies,
 ) -> dict[str, Callable[[asyncio.Event], Awaitable[None]]]:
     """The coroutine factory of each part to run, given its stop event."""
     parts: dict[str, Callable[[asyncio.Event], Awaitable[None]]] = {}
     if PREFETCH in wanted:
-        parts[PREFETCH] = lambda stop: run_prefetch(pool, prefetch_settings, registry, stop)
+        parts[PREFETCH] = lambda stop: run_prefetch(
+            pool, prefetch_settings, registry, stop, breakers=dependencies
+        )
     if TASKS in wanted:
         parts[TASKS] = lambda stop: run_task_scheduler(pool, storage, registry, stop)
     if FORWARDING in wanted:
-        parts[FORWARDING] = lambda stop: run_forwarder(pool, broker_settings, storage, registry, stop)
+        parts[FORWARDING] = lambda stop: run_forwarder(
+            pool, broker_settings, storage, registry, stop, breakers=dependencies
+        )
     if SYNC in wanted:
         parts[SYNC] = lambda stop: run_sync(pool, storage, registry, stop)
     return parts
@@ -102,6 +113,8 @@ async def run_parts(
         for name, start in parts.items()
     }
     stopped: asyncio.Task[Any] = asyncio.create_task(stop.wait(), name="stop")
+    # Once one part has stopped (or failed), the others get this long to finish.
+    grace = ShutdownSettings().grace_seconds - CLOSING_RESERVE_SECONDS
     crashed: tuple[str, BaseException | None] | None = None
     try:
         done, _ = await asyncio.wait({*tasks, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -118,11 +131,9 @@ async def run_parts(
         parts_stop.set()
         pending = [t for t in tasks if not t.done()]
         if pending:
-            _, late = await asyncio.wait(pending, timeout=_STOP_GRACE_SECONDS)
+            _, late = await asyncio.wait(pending, timeout=grace)
             for task in late:
-                logger.warning(
-                    "%s did not stop within %.0fs; cancelling it", tasks[task], _STOP_GRACE_SECONDS
-                )
+                logger.warning("%s did not stop within %.0fs; cancelling it", tasks[task], grace)
     finally:
         parts_stop.set()
         stopped.cancel()
@@ -167,8 +178,10 @@ async def run(
         async with services.pool.acquire(timeout=2.0) as connection:
             return bool(await connection.fetchval("SELECT true"))
 
-    app = create_observability_app(SERVICE, {"database": database_ready}, services.registry)
-    server = await serve_http(app, prefetch_settings.http_host, prefetch_settings.http_port)
+    app = create_observability_app(SERVICE, {"database": database_ready}, services.registry, stopping=stop)
+    server = await serve_http(
+        app, prefetch_settings.http_host, prefetch_settings.http_port, tls=HttpTlsSettings()
+    )
     services.http_port = int(server.servers[0].sockets[0].getsockname()[1])
     owned_storage: StorageRegistry | None = None
     try:
@@ -177,15 +190,20 @@ async def run(
         )
         if services.pool is None:
             return
+        # Retries and circuit breakers: storage tiers, remote AEs (forwarding, prefetch).
+        dependencies = Dependencies()
+        services.registry.register(dependencies)
         if storage is None:
-            owned_storage = StorageRegistry.from_settings(tiers_settings.tiers)
+            owned_storage = StorageRegistry.from_settings(tiers_settings.tiers, dependencies=dependencies)
             storage = owned_storage
-        running = _parts(parts, services.pool, prefetch_settings, broker_settings, storage, services.registry)
+        running = _parts(
+            parts, services.pool, prefetch_settings, broker_settings, storage, services.registry, dependencies
+        )
         services.parts = list(running)
         logger.info("%s running: %s", SERVICE, ", ".join(running) or "nothing")
         await run_parts(running, stop)
     finally:
-        server.should_exit = True
+        await stop_http(server, 1.0)
         if services.pool is not None:
             await services.pool.close()
         if owned_storage is not None:

@@ -16,8 +16,15 @@ from prometheus_client import CollectorRegistry
 
 from pacs_common.db.pool import create_pool
 from pacs_common.settings import DatabaseSettings, QuerySettings, TelemetrySettings
+from pacs_common.shutdown import CLOSING_RESERVE_SECONDS, ShutdownSettings, stop_http
 from pacs_common.startup import install_stop_signals, until_connected
-from pacs_common.telemetry import configure_logging, configure_tracing, serve_http
+from pacs_common.telemetry import (
+    HttpTlsSettings,
+    configure_logging,
+    configure_tracing,
+    report_stopping,
+    serve_http,
+)
 from query_service.app import SERVICE, create_app
 
 __all__ = ["main", "run"]
@@ -44,13 +51,15 @@ async def run(
         return
     try:
         app = create_app(pool, settings, registry or CollectorRegistry())
-        server = await serve_http(app, settings.http_host, settings.http_port)
+        report_stopping(app, stop)  # readiness says "stopping" from the SIGTERM on
+        shutdown = ShutdownSettings()
+        server = await serve_http(app, settings.http_host, settings.http_port, tls=HttpTlsSettings())
         logger.info("query-service listening", extra={"port": settings.http_port})
         try:
             await stop.wait()
         finally:
-            server.should_exit = True
-            await asyncio.sleep(0)
+            # Queries in flight finish, or are cut at the grace period.
+            await stop_http(server, shutdown.grace_seconds - CLOSING_RESERVE_SECONDS)
     finally:
         await pool.close()
         logger.info("query-service stopped")

@@ -9,14 +9,20 @@ Errors: :class:`InvalidQueryError` when the service refused the request
 (HTTP 4xx: malformed identifier, unknown level; the caller answers the peer
 with a failure status), :class:`QueryUnavailableError` when the service could
 not be reached or failed (the caller answers "unable to process").
+
+Resilience: a request that could not connect, or got a 502/503/504, is sent
+again (the query requests are read-only, so repeating one is safe) a
+bounded number of times with jittered backoff; consecutive failures open the
+``query-service`` circuit breaker, and while it is open calls fail at once
+with :class:`QueryUnavailableError` instead of piling up waiting threads.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -32,10 +38,17 @@ from pacs_common.query.models import (
     RetrieveResponse,
     WorklistQueryRequest,
 )
+from pacs_common.resilience import CircuitOpenError, Dependencies, DependencyGuard
+
+T = TypeVar("T")
 
 QUERY_PATH = "/v1/query"
 WORKLIST_PATH = "/v1/worklist/query"
 RETRIEVE_PATH = "/v1/retrieve"
+#: The dependency name in metrics (``pacs_circuit_breaker_state{dependency}``).
+DEPENDENCY = "query-service"
+#: Statuses of a proxy or server that is (re)starting or overloaded: worth another try.
+_TRANSIENT_STATUSES = frozenset({502, 503, 504})
 
 
 class QueryServiceError(Exception):
@@ -52,7 +65,36 @@ class InvalidQueryError(QueryServiceError):
 
 
 class QueryUnavailableError(QueryServiceError):
-    """The query-service could not be reached, timed out or failed (5xx)."""
+    """The query-service could not be reached, timed out or failed (5xx).
+    ``retry_safe``: the request surely was not processed, or repeating it is
+    harmless and quick (no connection, gateway errors) — not a timeout."""
+
+    def __init__(self, reason: str, *, code: str = "internal", retry_safe: bool = False) -> None:
+        super().__init__(reason, code=code)
+        self.retry_safe = retry_safe
+
+
+def _counts_against_service(error: BaseException) -> bool:
+    """For the breaker: the service did not answer properly."""
+    return isinstance(error, QueryUnavailableError)
+
+
+def _retry_safe(error: BaseException) -> bool:
+    return isinstance(error, QueryUnavailableError) and error.retry_safe
+
+
+def _guard(dependencies: Dependencies | None) -> DependencyGuard:
+    return (dependencies or Dependencies()).guard(DEPENDENCY, _counts_against_service)
+
+
+def _unreachable(exc: httpx.HTTPError) -> QueryUnavailableError:
+    # No connection made: the request never reached the service.
+    connect_failed = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+    return QueryUnavailableError(f"query-service unreachable: {exc!r}", retry_safe=connect_failed)
+
+
+def _circuit_open(exc: CircuitOpenError) -> QueryUnavailableError:
+    return QueryUnavailableError(str(exc), code="unavailable")
 
 
 def _failure(response_body: bytes, status_code: int) -> QueryServiceError:
@@ -66,7 +108,7 @@ def _failure(response_body: bytes, status_code: int) -> QueryServiceError:
         pass
     if 400 <= status_code < 500:
         return InvalidQueryError(reason, code=code)
-    return QueryUnavailableError(reason, code=code)
+    return QueryUnavailableError(reason, code=code, retry_safe=status_code in _TRANSIENT_STATUSES)
 
 
 def _parse_line(raw: str | bytes) -> QueryLine:
@@ -123,7 +165,15 @@ class QueryStream:
 class QueryClient:
     """Blocking, thread-safe client (one connection pool for all threads)."""
 
-    def __init__(self, base_url: str, *, timeout_seconds: float = 30.0, max_connections: int = 100) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_seconds: float = 30.0,
+        max_connections: int = 100,
+        dependencies: Dependencies | None = None,
+    ) -> None:
+        self.guard = _guard(dependencies)
         self._client = httpx.Client(
             base_url=base_url,
             timeout=httpx.Timeout(timeout_seconds),
@@ -137,22 +187,28 @@ class QueryClient:
         return self._stream(WORKLIST_PATH, request)
 
     def retrieve(self, request: RetrieveRequest) -> list[RetrievableInstance]:
+        return self._guarded(lambda: self._retrieve_once(request))
+
+    def _retrieve_once(self, request: RetrieveRequest) -> list[RetrievableInstance]:
         try:
             response = self._client.post(RETRIEVE_PATH, json=_body(request))
         except httpx.HTTPError as exc:
-            raise QueryUnavailableError(f"query-service unreachable: {exc!r}") from exc
+            raise _unreachable(exc) from exc
         if response.status_code != 200:
             raise _failure(response.content, response.status_code)
         return RetrieveResponse.model_validate_json(response.content).instances
 
     def _stream(self, path: str, request: BaseModel) -> QueryStream:
+        return self._guarded(lambda: self._open_stream(path, request))
+
+    def _open_stream(self, path: str, request: BaseModel) -> QueryStream:
         http_request = self._client.build_request(
             "POST", path, json=_body(request), headers={"accept": NDJSON}
         )
         try:
             response = self._client.send(http_request, stream=True)
         except httpx.HTTPError as exc:
-            raise QueryUnavailableError(f"query-service unreachable: {exc!r}") from exc
+            raise _unreachable(exc) from exc
         if response.status_code != 200:
             try:
                 body = response.read()
@@ -160,6 +216,12 @@ class QueryClient:
                 response.close()
             raise _failure(body, response.status_code)
         return QueryStream(response)
+
+    def _guarded(self, attempt: Callable[[], T]) -> T:
+        try:
+            return self.guard.call(attempt, retryable=_retry_safe)
+        except CircuitOpenError as exc:
+            raise _circuit_open(exc) from exc
 
     def close(self) -> None:
         self._client.close()
@@ -206,7 +268,10 @@ class AsyncQueryStream:
 class AsyncQueryClient:
     """Async client for FastAPI services (dicomweb-api)."""
 
-    def __init__(self, base_url: str, *, timeout_seconds: float = 30.0) -> None:
+    def __init__(
+        self, base_url: str, *, timeout_seconds: float = 30.0, dependencies: Dependencies | None = None
+    ) -> None:
+        self.guard = _guard(dependencies)
         self._client = httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(timeout_seconds))
 
     async def find(self, request: QueryRequest) -> AsyncQueryStream:
@@ -216,22 +281,34 @@ class AsyncQueryClient:
         return await self._stream(WORKLIST_PATH, request)
 
     async def retrieve(self, request: RetrieveRequest) -> list[RetrievableInstance]:
+        return await self._guarded(lambda: self._retrieve_once(request))
+
+    async def _retrieve_once(self, request: RetrieveRequest) -> list[RetrievableInstance]:
         try:
             response = await self._client.post(RETRIEVE_PATH, json=_body(request))
         except httpx.HTTPError as exc:
-            raise QueryUnavailableError(f"query-service unreachable: {exc!r}") from exc
+            raise _unreachable(exc) from exc
         if response.status_code != 200:
             raise _failure(response.content, response.status_code)
         return RetrieveResponse.model_validate_json(response.content).instances
 
     async def _stream(self, path: str, request: BaseModel) -> AsyncQueryStream:
+        return await self._guarded(lambda: self._open_stream(path, request))
+
+    async def _guarded(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await self.guard.acall(attempt, retryable=_retry_safe)
+        except CircuitOpenError as exc:
+            raise _circuit_open(exc) from exc
+
+    async def _open_stream(self, path: str, request: BaseModel) -> AsyncQueryStream:
         http_request = self._client.build_request(
             "POST", path, json=_body(request), headers={"accept": NDJSON}
         )
         try:
             response = await self._client.send(http_request, stream=True)
         except httpx.HTTPError as exc:
-            raise QueryUnavailableError(f"query-service unreachable: {exc!r}") from exc
+            raise _unreachable(exc) from exc
         if response.status_code != 200:
             try:
                 body = await response.aread()

@@ -48,6 +48,7 @@ from pacs_common.storage.base import (
     normalise_prefix,
     read_exact,
 )
+from pacs_common.storage.resilient import GuardedCalls
 
 DEFAULT_BLOCK_SIZE = 8 * 1024 * 1024
 # Size of each ranged GET when streaming a download; bounds memory per reader
@@ -307,3 +308,7 @@ def _storage_error(exc: AzureError, key: str, action: str) -> StorageError:
         return ObjectNotFoundError(f"object {key!r} not found")
     message = exc.message if isinstance(exc, HttpResponseError) else str(exc)
     return StorageError(f"azure {action} {key!r} failed: {message}")
+
+
+class GuardedAzureBlobStorage(GuardedCalls, AzureBlobStorage):
+    """An :class:`AzureBlobStorage` whose object calls go through ``guard`` (retries, breaker)."""

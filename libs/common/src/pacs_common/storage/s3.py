@@ -48,6 +48,7 @@ from pacs_common.storage.base import (
     normalise_prefix,
     read_exact,
 )
+from pacs_common.storage.resilient import GuardedCalls
 
 if TYPE_CHECKING:
     from botocore.response import StreamingBody
@@ -371,3 +372,7 @@ def _storage_error(exc: ClientError | BotoCoreError, key: str, action: str) -> S
         if code == "InvalidObjectState":
             return ObjectArchivedError(f"object {key!r} is archived; restore it first ({exc})")
     return StorageError(message)
+
+
+class GuardedS3Storage(GuardedCalls, S3Storage):
+    """An :class:`S3Storage` whose object calls go through ``guard`` (retries, breaker)."""

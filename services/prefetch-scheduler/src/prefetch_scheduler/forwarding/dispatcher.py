@@ -22,6 +22,7 @@ import asyncpg
 
 from pacs_common.db.pool import is_connection_error
 from pacs_common.nodes import Operation, RemoteNodeRepository
+from pacs_common.resilience import CircuitOpenError, Dependencies, remote_ae_dependency
 from prefetch_scheduler.forwarding.metrics import ForwardMetrics
 from prefetch_scheduler.forwarding.queue import (
     Claim,
@@ -49,8 +50,13 @@ class Dispatcher:
         sender: BatchSender,
         settings: ForwardSettings,
         metrics: ForwardMetrics,
+        *,
+        breakers: Dependencies | None = None,
     ) -> None:
         self._pool = pool
+        # One circuit breaker per destination AE: while it is open a claim
+        # fails at once, as a refused association would, without dialling.
+        self._breakers = breakers or Dependencies()
         self._queue = queue
         self._sender = sender
         self._settings = settings
@@ -149,9 +155,19 @@ class Dispatcher:
             else:
                 instances = await self._outgoing(claim)
                 heartbeat = asyncio.create_task(self._keep_claim(claim))
+                breaker = self._breakers.breaker(remote_ae_dependency(node.ae_title, node.host, node.port))
                 try:
-                    results = await asyncio.to_thread(self._sender.send, node, instances)
-                except AssociationFailedError as exc:
+                    breaker.before_call()
+                    try:
+                        results = await asyncio.to_thread(self._sender.send, node, instances)
+                    except AssociationFailedError:
+                        breaker.record_failure()
+                        raise
+                    except BaseException:
+                        breaker.abandon()
+                        raise
+                    breaker.record_success()
+                except (AssociationFailedError, CircuitOpenError) as exc:
                     logger.warning("forwarding to %s: %s", destination, exc)
                     self._metrics.association_failures.labels(destination).inc()
                     results = [ItemResult(i.id, ItemOutcome.RETRY, str(exc)) for i in claim.items]

@@ -21,6 +21,7 @@ from pynetdicom import _config as pynetdicom_config
 
 from pacs_common.messaging.broker import Broker
 from pacs_common.nodes import tls_client_context
+from pacs_common.resilience import Dependencies
 from pacs_common.settings import BrokerSettings
 from pacs_common.startup import until_connected
 from pacs_common.storage import StorageRegistry
@@ -56,6 +57,7 @@ async def run_forwarder(
     stop: asyncio.Event,
     *,
     settings: ForwardSettings | None = None,
+    breakers: Dependencies | None = None,
 ) -> None:
     """Consume events and forward instances until ``stop`` is set.
 
@@ -90,7 +92,7 @@ async def run_forwarder(
             max_deliveries=settings.max_event_deliveries,
             concurrency=settings.event_concurrency,
         )
-        dispatcher = Dispatcher(pool, queue, sender, settings, metrics)
+        dispatcher = Dispatcher(pool, queue, sender, settings, metrics, breakers=breakers)
         tasks = [
             asyncio.create_task(consumer.run(stop), name="forward-events"),
             asyncio.create_task(dispatcher.run(stop), name="forward-dispatcher"),

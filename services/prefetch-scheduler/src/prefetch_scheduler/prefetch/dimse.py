@@ -26,6 +26,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from pacs_common.resilience import CircuitOpenError, Dependencies, remote_ae_dependency
 from prefetch_scheduler.prefetch.models import RemoteStudy
 
 __all__ = [
@@ -158,11 +159,33 @@ def _comment(status: Dataset) -> str:
 class RemotePacs:
     """A Study Root Query/Retrieve SCU speaking as ``calling_ae_title``."""
 
-    def __init__(self, calling_ae_title: str, timeouts: DimseTimeouts) -> None:
+    def __init__(
+        self, calling_ae_title: str, timeouts: DimseTimeouts, *, breakers: Dependencies | None = None
+    ) -> None:
         self._calling = calling_ae_title
         self._timeouts = timeouts
+        # One circuit breaker per remote AE: a peer that keeps refusing is
+        # not dialled (and waited for) by every job until it recovers.
+        self._breakers = breakers or Dependencies()
 
     def _associate(self, peer: Peer, context: str, dimse_timeout: float) -> Association:
+        breaker = self._breakers.breaker(remote_ae_dependency(peer.ae_title, peer.host, peer.port))
+        try:
+            breaker.before_call()
+        except CircuitOpenError as exc:
+            raise AssociationFailedError(f"not associating with {peer}: {exc}") from exc
+        try:
+            assoc = self._request_association(peer, context, dimse_timeout)
+        except AssociationFailedError:
+            breaker.record_failure()
+            raise
+        except BaseException:
+            breaker.abandon()
+            raise
+        breaker.record_success()
+        return assoc
+
+    def _request_association(self, peer: Peer, context: str, dimse_timeout: float) -> Association:
         ae = AE(ae_title=self._calling)
         ae.connection_timeout = self._timeouts.connect
         ae.acse_timeout = self._timeouts.connect

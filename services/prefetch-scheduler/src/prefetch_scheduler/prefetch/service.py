@@ -20,6 +20,7 @@ import asyncpg
 from prometheus_client import CollectorRegistry
 
 from pacs_common.db.pool import is_connection_error
+from pacs_common.resilience import Dependencies
 from prefetch_scheduler.prefetch.dimse import DimseTimeouts, RemotePacs
 from prefetch_scheduler.prefetch.metrics import PrefetchMetrics
 from prefetch_scheduler.prefetch.repository import PrefetchRepository, TriggerWindow
@@ -41,7 +42,13 @@ async def _pause(event: asyncio.Event, seconds: float) -> None:
 
 
 class _Scheduler:
-    def __init__(self, pool: asyncpg.Pool, settings: PrefetchSettings, metrics: PrefetchMetrics) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        settings: PrefetchSettings,
+        metrics: PrefetchMetrics,
+        breakers: Dependencies | None = None,
+    ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._repository = PrefetchRepository(pool)
@@ -63,6 +70,7 @@ class _Scheduler:
                 find=settings.find_timeout_seconds,
                 move=settings.move_timeout_seconds,
             ),
+            breakers=breakers,
         )
         self._runner = PrefetchRunner(pool, settings, remote, throttle, metrics, random.Random())
         self._work = asyncio.Event()
@@ -134,11 +142,17 @@ class _Scheduler:
 
 
 async def run_prefetch(
-    pool: asyncpg.Pool, settings: PrefetchSettings, registry: CollectorRegistry, stop: asyncio.Event
+    pool: asyncpg.Pool,
+    settings: PrefetchSettings,
+    registry: CollectorRegistry,
+    stop: asyncio.Event,
+    *,
+    breakers: Dependencies | None = None,
 ) -> None:
     """Run the prefetch until ``stop`` is set; an unexpected error in the
-    scan or a worker propagates (the process should exit, not limp on)."""
-    scheduler = _Scheduler(pool, settings, PrefetchMetrics(registry))
+    scan or a worker propagates (the process should exit, not limp on).
+    ``breakers``: the per-remote-AE circuit breakers (and their metrics)."""
+    scheduler = _Scheduler(pool, settings, PrefetchMetrics(registry), breakers)
     logger.info(
         "prefetch running",
         extra={
