@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from pacs_common.localrun.prometheus import PrometheusOptions
 from pacs_common.localrun.runner import LocalSystem
 from pacs_common.messaging.broker import Broker
 from pacs_common.messaging.topology import Topology, delete_topology
@@ -49,6 +50,7 @@ def running_system(
     ai_connectors: int = 0,
     throwaway_infra: bool = False,
     extra_env: Mapping[str, str] | None = None,
+    prometheus: PrometheusOptions | None = None,
 ) -> Iterator[LocalSystem]:
     """The whole PACS as processes; torn down (database and queues included) on exit.
 
@@ -75,6 +77,7 @@ def running_system(
         extra_env={**TEST_ENV, **(extra_env or {})},
         throwaway_infra=throwaway_infra,
         out=None,
+        prometheus=prometheus,
     )
     system.start()
     try:

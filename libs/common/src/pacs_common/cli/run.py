@@ -28,6 +28,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         action="store_true",
         help="always start private PostgreSQL/RabbitMQ under .pacs/infra",
     )
+    parser.add_argument(
+        "--prometheus",
+        type=_port,
+        nargs="?",
+        const=9090,
+        default=None,
+        metavar="PORT",
+        help="also start Prometheus (Debian /usr/bin/prometheus) scraping every service with the "
+        "alert rules of deploy/observability loaded, on PORT (default 9090; 0 = any free)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -46,6 +56,7 @@ def _port(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pacs_common.localrun.prometheus import PrometheusOptions
     from pacs_common.localrun.runner import LocalSystem
 
     system = LocalSystem(
@@ -56,5 +67,6 @@ def run(args: argparse.Namespace) -> int:
         ae_title=args.ae_title,
         http_port_base=args.http_port_base,
         throwaway_infra=args.throwaway_infra,
+        prometheus=None if args.prometheus is None else PrometheusOptions(port=args.prometheus),
     )
     return system.run()

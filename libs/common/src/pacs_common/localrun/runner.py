@@ -50,6 +50,7 @@ from pacs_common.localrun.infra import (
     tail_file,
     tcp_port_open,
 )
+from pacs_common.localrun.prometheus import LocalPrometheus, PrometheusError, PrometheusOptions, ScrapeTarget
 from pacs_common.settings import DatabaseSettings
 
 T = TypeVar("T")
@@ -247,6 +248,7 @@ class LocalSystem:
         ready_timeout: float = DEFAULT_READY_TIMEOUT_SECONDS,
         stop_grace: float = DEFAULT_STOP_GRACE_SECONDS,
         out: TextIO | None = sys.stdout,
+        prometheus: PrometheusOptions | None = None,
     ) -> None:
         counts = (gateways, workers, query_services, dicomweb_services, hsm_migrators, prefetch_schedulers)
         if min(*counts, ai_connectors) < 0:
@@ -295,6 +297,9 @@ class LocalSystem:
         self.broker_url = ""
         self.revision: str | None = None
         self.services: list[ServiceProcess] = []
+        self.prometheus_options = prometheus
+        # Started after the services when ``prometheus`` is given (pacs run --prometheus).
+        self.prometheus: LocalPrometheus | None = None
         self._env: dict[str, str] = {}
         self._cancel = threading.Event()
         self._lock = threading.RLock()
@@ -349,6 +354,8 @@ class LocalSystem:
             self._check_ports()
             for service in self.services:
                 self._spawn(service, fresh_log=True)
+            # Prometheus discovers its targets while the services start.
+            self._start_prometheus()
             self._wait_ready(self.services)
             self._write_state()
         except BaseException:
@@ -365,6 +372,8 @@ class LocalSystem:
             self._started = False
             self._cancel.set()
         atexit.unregister(self.stop)
+        if self.prometheus is not None:
+            self.prometheus.stop()
         for kind in SERVICE_KINDS:
             self._terminate([s for s in self.services if s.kind is kind and s.alive()])
         for server in (self.rabbitmq, self.postgres):
@@ -462,6 +471,10 @@ class LocalSystem:
             lines.append(
                 f"  {service.name:<9} pid {service.pid}  {service.ready_url}  "
                 f"{service.metrics_url}  log {self._relative(service.log_path)}"
+            )
+        if self.prometheus is not None:
+            lines.append(
+                f"  prometheus {self.prometheus.url}  rules {', '.join(map(str, self.prometheus.rule_files))}"
             )
         backend = self._env.get("PACS_STORAGE_HOT_BACKEND", "filesystem")
         where = self.storage_path if backend == "filesystem" else "(see PACS_STORAGE_HOT_*)"
@@ -741,6 +754,23 @@ class LocalSystem:
                 return service
         known = ", ".join(s.name for s in self.services) or "none"
         raise LocalRunError(f"no service {name!r} (known: {known})")
+
+    def _start_prometheus(self) -> None:
+        if self.prometheus_options is None:
+            return
+        targets = [ScrapeTarget(s.kind.label, s.name, f"{LOCALHOST}:{s.http_port}") for s in self.services]
+        self.prometheus = LocalPrometheus(
+            self.prometheus_options,
+            targets,
+            self.pacs_dir / "prometheus",
+            self.log_dir / "prometheus.log",
+            search_rules_from=self.project_dir,
+        )
+        try:
+            self.prometheus.start()
+        except PrometheusError as exc:
+            raise LocalRunError(str(exc)) from exc
+        self._say(f"Prometheus: {self.prometheus.url} scraping {len(targets)} processes")
 
     # -- state -----------------------------------------------------------------
 
