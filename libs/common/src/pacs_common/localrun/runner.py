@@ -58,8 +58,9 @@ T = TypeVar("T")
 DEFAULT_DICOM_PORT = 11112
 DEFAULT_HTTP_PORT_BASE = 8081
 DEFAULT_DICOMWEB_PORT = 8080
-# The gateway lets open associations finish for up to 30 s on SIGTERM.
-DEFAULT_STOP_GRACE_SECONDS = 40.0
+# Every service finishes its in-flight work within PACS_SHUTDOWN_GRACE_SECONDS
+# (25 s by default) of SIGTERM; the runner waits a little longer before SIGKILL.
+DEFAULT_STOP_GRACE_SECONDS = 30.0
 DEFAULT_READY_TIMEOUT_SECONDS = 90.0
 
 
