@@ -17,7 +17,9 @@ Then the background services: storage tier migration throughput hot → warm
 (S3) → cold (Azure Archive) (:mod:`pacs_e2e.bench_hsm`) and prior prefetch
 latency from a worklist item to priors queryable, with Orthanc as the remote
 PACS (:mod:`pacs_e2e.bench_prefetch`).
-``--only store`` / ``query`` / ``dicomweb`` / ``hsm`` / ``prefetch`` runs one of them.
+Then simultaneous associations held at one gateway process
+(:mod:`pacs_e2e.bench_associations`): RSS per association, idle CPU.
+``--only store`` / ``query`` / ``dicomweb`` / ``hsm`` / ``prefetch`` / ``associations`` runs one of them.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 
 from pacs_common.localrun.infra import find_free_port
 from pacs_common.localrun.runner import LocalSystem
-from pacs_e2e import bench_dicomweb, bench_hsm, bench_prefetch, bench_query
+from pacs_e2e import bench_associations, bench_dicomweb, bench_hsm, bench_prefetch, bench_query
 from pacs_e2e.corpus import write_ct_series
 from pacs_e2e.dcmtk import DCMTK_ENV, dcmtk_available, echoscu, tool
 from pacs_e2e.index import IndexReader
@@ -281,8 +283,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-compare", action="store_true", help="skip Orthanc and storescp")
     parser.add_argument(
         "--only",
-        choices=("store", "query", "dicomweb", "hsm", "prefetch"),
-        help="run only the C-STORE, query/retrieve, DICOMweb, tier migration or prefetch benchmark",
+        choices=("store", "query", "dicomweb", "hsm", "prefetch", "associations"),
+        help="run only the C-STORE, query/retrieve, DICOMweb, tier migration, prefetch or associations benchmark",
     )
     bench_query.add_arguments(parser)
     bench_dicomweb.add_arguments(parser)
@@ -310,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         bench_hsm.main([])
     if args.only in (None, "prefetch"):
         bench_prefetch.main([])
+    if args.only in (None, "associations"):
+        bench_associations.main([])
 
 
 def _store_bench(args: argparse.Namespace) -> None:

@@ -19,14 +19,23 @@ from pacs_common.archive.metrics import RestoreMetrics
 from pacs_common.archive.requests import RestoreRequester
 from pacs_common.archive.settings import AccessSettings, RestoreSettings
 from pacs_common.audit import AuditLog, AuditSettings
+from pacs_common.backpressure import Backpressure, BackpressureSettings, start_backlog_sampler
 from pacs_common.db.pool import create_pool
 from pacs_common.messaging.blocking import BlockingPublisher
 from pacs_common.query import AsyncQueryClient
 from pacs_common.receiving import InstanceReceiver
+from pacs_common.resilience import Dependencies
 from pacs_common.settings import BrokerSettings, DatabaseSettings, StorageTiersSettings, TelemetrySettings
+from pacs_common.shutdown import CLOSING_RESERVE_SECONDS, ShutdownSettings, stop_http
 from pacs_common.startup import install_stop_signals, until_connected
 from pacs_common.storage import StorageRegistry
-from pacs_common.telemetry import configure_logging, configure_tracing, serve_http
+from pacs_common.telemetry import (
+    HttpTlsSettings,
+    configure_logging,
+    configure_tracing,
+    report_stopping,
+    serve_http,
+)
 
 __all__ = ["main", "run"]
 
@@ -45,15 +54,24 @@ async def run(
     if pool is None:
         return
     # Every tier: the index may point an instance at any of them.
-    storage = StorageRegistry.from_settings(StorageTiersSettings().tiers)
+    # Retries and circuit breakers of the outgoing calls (storage, query-service).
+    dependencies = Dependencies()
+    storage = StorageRegistry.from_settings(StorageTiersSettings().tiers, dependencies=dependencies)
     access = AsyncAccessRecorder(pool, AccessSettings())
     publisher = BlockingPublisher(broker_settings)
-    query = AsyncQueryClient(settings.query_url, timeout_seconds=settings.query_timeout_seconds)
+    query = AsyncQueryClient(
+        settings.query_url, timeout_seconds=settings.query_timeout_seconds, dependencies=dependencies
+    )
     try:
         await asyncio.to_thread(publisher.start)
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
-        receiver = InstanceReceiver(storage.get(HOT_TIER), HOT_TIER, publisher.publish_ingest)
+        # STOW-RS answers 503 while the ingest backlog or storage latency is over its limit.
+        backpressure = Backpressure(BackpressureSettings())
+        receiver = InstanceReceiver(
+            backpressure.timed(storage.get(HOT_TIER)), HOT_TIER, publisher.publish_ingest
+        )
         registry = CollectorRegistry()
+        registry.register(dependencies)
         context = ApiContext(
             settings=settings,
             pool=pool,
@@ -67,14 +85,20 @@ async def run(
         auth_settings = AuthSettings()
         audit = AuditLog(pool, AuditSettings())
         authenticator = await build_authenticator(pool, auth_settings, audit)
-        app = create_app(context, authenticator, registry, audit)
+        app = create_app(context, authenticator, registry, audit, backpressure)
         access.start()
-        server = await serve_http(app, settings.http_host, settings.http_port)
+        backlog_sampler = start_backlog_sampler(backpressure, broker_settings)
+        report_stopping(app, stop)  # readiness says "stopping" from the SIGTERM on
+        shutdown = ShutdownSettings()
+        server = await serve_http(app, settings.http_host, settings.http_port, tls=HttpTlsSettings())
         logger.info("dicomweb-api listening", extra={"port": settings.http_port})
         try:
             await stop.wait()
         finally:
-            server.should_exit = True
+            # In-flight requests (a STOW upload) finish, or are cut at the grace period.
+            await stop_http(server, shutdown.grace_seconds - CLOSING_RESERVE_SECONDS)
+            if backlog_sampler is not None:
+                await asyncio.to_thread(backlog_sampler.stop)
             await asyncio.sleep(0)
             await audit.aclose()
     finally:

@@ -30,3 +30,9 @@ class DicomwebSettings(BaseSettings):
     # STOW-RS: request bodies are spooled here part by part (never in memory).
     spool_dir: Path = Path("data/spool")
     max_stow_request_bytes: int = Field(default=4 * 1024**3, ge=1)
+    # JSON request bodies of the management API (/api/v1): larger ones are 413.
+    max_api_json_bytes: int = Field(default=1024**2, ge=1)
+    # Strict-Transport-Security: sent on requests that came over HTTPS (the
+    # scheme, or X-Forwarded-Proto from the ingress); always, with hsts_always.
+    hsts_always: bool = False
+    hsts_max_age_seconds: int = Field(default=31_536_000, ge=0)

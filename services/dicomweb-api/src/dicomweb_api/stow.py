@@ -9,6 +9,10 @@ message with confirms.  So a body that is too large or malformed stores
 nothing, and an instance is reported stored only when it is both stored and
 queued.  The response is the Store Instances Response Module as DICOM JSON:
 200 all stored, 202 some (with a Warning header), 409 none.
+
+While the archive is overloaded (:mod:`pacs_common.backpressure`) a request
+is answered 503 with ``Retry-After`` and a JSON reason before its body is
+read: nothing is spooled, stored or queued.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from fastapi.responses import JSONResponse
 
 from dicomweb_api.accept import DICOM, DICOM_JSON
 from dicomweb_api.context import ApiContext, get_context
+from dicomweb_api.metrics import DicomwebMetrics
 from dicomweb_api.multipart_reader import (
     BodyTooLargeError,
     MalformedMultipartError,
@@ -39,6 +44,7 @@ from dicomweb_api.security import Permission, Principal, require
 from dicomweb_api.security.audit import AuditScope, audited
 from dicomweb_api.urls import dicomweb_base, instance_url, study_url
 from pacs_common.audit import AuditAction, AuditEventId, AuditOutcome
+from pacs_common.backpressure import Backpressure
 from pacs_common.dicom.received import DatasetIdentity, InvalidDatasetError, MissingIdentityError
 from pacs_common.messaging.broker import PublishError
 from pacs_common.messaging.models import IngestSource
@@ -202,11 +208,34 @@ def _make_spool_dir(parent: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix="stow-", dir=parent))
 
 
+def _overloaded(request: Request) -> Response | None:
+    """A 503 while backpressure refuses new work, else None."""
+    backpressure: Backpressure | None = getattr(request.app.state, "backpressure", None)
+    refusal = backpressure.refusal() if backpressure is not None else None
+    if refusal is None:
+        return None
+    metrics: DicomwebMetrics | None = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.backpressure_refusals.labels(refusal.reason.value).inc()
+    logger.warning("STOW-RS refused: %s", refusal.message, extra={"reason": refusal.reason.value})
+    body = {
+        "detail": refusal.message,
+        "reason": refusal.reason.value,
+        "retry_after_seconds": refusal.retry_after_seconds,
+    }
+    return JSONResponse(body, status_code=503, headers={"Retry-After": str(refusal.retry_after_seconds)})
+
+
 async def _stow(
     request: Request, context: ApiContext, principal: Principal, path_study: str | None
 ) -> Response:
     """Stores the request's instances; one audit event (DICOM Instances
-    Transferred, Create) lists the studies stored."""
+    Transferred, Create) lists the studies stored.  Refusals for
+    backpressure are not audited (nothing was transferred; under overload
+    they would flood the audit log)."""
+    refused = _overloaded(request)
+    if refused is not None:
+        return refused
     async with audited(
         request, AuditEventId.INSTANCES_TRANSFERRED, AuditAction.CREATE, details={"study": path_study}
     ) as scope:

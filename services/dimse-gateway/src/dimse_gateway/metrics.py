@@ -66,3 +66,29 @@ class GatewayMetrics:
             ["reason"],
             registry=registry,
         )
+        # DICOM TLS and the AE-title policy (dimse_gateway.tls, dimse_gateway.policy).
+        self.tls_handshake_failures = Counter(
+            "pacs_dimse_tls_handshake_failures",
+            "TLS connections refused before any PDU, by reason (certificate, protocol, timeout, closed).",
+            ["reason"],
+            registry=registry,
+        )
+        self.policy_refusals = Counter(
+            "pacs_dimse_policy_refusals",
+            "Refused by the AE-title policy: stage association (reason of the A-ASSOCIATE-RJ) "
+            "or request (the operation answered 0x0124).",
+            ["stage", "reason"],
+            registry=registry,
+        )
+        # Backpressure (pacs_common.backpressure): C-STOREs refused with 0xA700.
+        self.backpressure_refusing = Gauge(
+            "pacs_dimse_backpressure_refusing",
+            "1 while C-STOREs are refused because the archive is overloaded, else 0.",
+            registry=registry,
+        )
+        self.backpressure_refusals = Counter(
+            "pacs_dimse_backpressure_refusals",
+            "C-STOREs refused for backpressure, by reason (ingest_backlog, storage_latency).",
+            ["reason"],
+            registry=registry,
+        )

@@ -38,6 +38,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from dimse_gateway.capacity import prepare_for_many_associations
 from dimse_gateway.identifiers import FIND_MODELS, GET_MODELS, MOVE_MODELS
 from dimse_gateway.sockets import disable_nagle
 from dimse_gateway.tls import (
@@ -290,6 +291,7 @@ def start_server(
         ),
     )
     server.request_guard = guard  # before serving: no connection is handled yet
+    prepare_for_many_associations(server, settings.max_associations)
     return _serve_in_background(ae, server, "dimse-acceptor")
 
 
@@ -322,6 +324,7 @@ def start_tls_server(
     )
     server.request_guard = guard
     server.on_handshake_failure = on_handshake_failure
+    prepare_for_many_associations(server, settings.max_associations)
     return _serve_in_background(ae, server, "dimse-tls-acceptor")
 
 

@@ -5,6 +5,11 @@ disk (``STORE_RECV_CHUNKED_DATASET``): the bytes exactly as received behind a
 Part 10 file meta header.  The handler validates, stores write-once,
 publishes, and only then answers success; every failure maps to a named
 failure status with an ErrorComment saying why.
+
+While the archive is overloaded (:mod:`pacs_common.backpressure`: ingest
+backlog or storage write latency over their limits) the handler stores
+nothing and answers 0xA700 "Refused: Out of Resources", which a sender
+retries later.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dimse_gateway import statuses
 from dimse_gateway.associations import called_ae_title
 from dimse_gateway.audit import DimseAudit
 from dimse_gateway.metrics import GatewayMetrics
+from pacs_common.backpressure import Backpressure
 from pacs_common.dicom.received import InvalidDatasetError
 from pacs_common.messaging.broker import PublishError
 from pacs_common.messaging.models import IngestSource
@@ -46,11 +52,16 @@ class StoreHandler:
     """Handles EVT_C_STORE."""
 
     def __init__(
-        self, receiver: InstanceReceiver, metrics: GatewayMetrics, audit: DimseAudit | None = None
+        self,
+        receiver: InstanceReceiver,
+        metrics: GatewayMetrics,
+        audit: DimseAudit | None = None,
+        backpressure: Backpressure | None = None,
     ) -> None:
         self._receiver = receiver
         self._metrics = metrics
         self._audit = audit
+        self._backpressure = backpressure
 
     def __call__(self, event: Event) -> Dataset:
         started = time.perf_counter()
@@ -80,6 +91,15 @@ class StoreHandler:
 
     def _store(self, event: Event, source: IngestSource, sop_instance_uid: str) -> tuple[Dataset, str | None]:
         """The response status, and the study of the instance when stored."""
+        refusal = self._backpressure.refusal() if self._backpressure is not None else None
+        if refusal is not None:
+            self._metrics.backpressure_refusals.labels(refusal.reason.value).inc()
+            logger.warning(
+                "C-STORE refused: %s",
+                refusal.message,
+                extra={"sop_instance_uid": sop_instance_uid, "reason": refusal.reason.value},
+            )
+            return _status(statuses.OUT_OF_RESOURCES, refusal.message), None
         try:
             received = self._receiver.receive(
                 event.dataset_path,
