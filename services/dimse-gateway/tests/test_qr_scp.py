@@ -21,6 +21,7 @@ import hashlib
 import io
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -85,6 +86,8 @@ from pacs_common.dicom.metadata import parse_for_index
 from pacs_common.messaging.models import StorageLocation
 from pacs_common.nodes import Operation, RemoteNodeCreate, RemoteNodeRepository, tls_client_context
 from pacs_common.query import QueryClient
+from pacs_common.resilience import BreakerState, Dependencies, remote_ae_dependency
+from pacs_common.resilience.settings import ResilienceSettings
 from pacs_common.settings import DatabaseSettings, DuplicatePolicy, GatewaySettings
 from pacs_common.storage import ObjectStorage, StorageRegistry
 from pacs_common.testing.broker import free_port
@@ -357,6 +360,7 @@ class StartGateway(Protocol):
         max_matches: int = 5000,
         tls_ca_file: Path | None = None,
         paced: bool = False,
+        breakers: Dependencies | None = None,
     ) -> Gateway: ...
 
 
@@ -376,6 +380,7 @@ def start_gateway(
             max_matches: int = 5000,
             tls_ca_file: Path | None = None,
             paced: bool = False,
+            breakers: Dependencies | None = None,
         ) -> Gateway:
             settings = GatewaySettings(
                 ae_title=GATEWAY_AE,
@@ -408,6 +413,7 @@ def start_gateway(
                     files,
                     metrics,
                     ssl_context_factory=lambda: tls_client_context(tls_ca_file),
+                    breakers=breakers,
                 ),
                 get=GetHandler(query, files, metrics),
             )
@@ -1015,6 +1021,37 @@ def test_move_destination_unreachable(archive: Archive, start_gateway: StartGate
         assoc.release()
     assert answer.statuses == [ALL_FAILED]
     assert _counts(answer.final) == (0, 1, 0)
+    assert "cannot associate with DEST" in str(answer.final.ErrorComment)
+
+
+def test_move_to_a_destination_that_keeps_failing_opens_its_circuit(
+    archive: Archive, start_gateway: StartGateway
+) -> None:
+    """After the configured number of failed associations the destination is
+    not dialled again until the breaker's reset time: each C-MOVE fails at
+    once (A702) instead of holding a gateway thread for the connect timeout."""
+    s = _fill(archive)
+    port = free_port()
+    archive.register(DEST_AE, port)  # nothing listens there
+    breakers = Dependencies(ResilienceSettings(breaker_failure_threshold=2, breaker_reset_seconds=300))
+    gateway = start_gateway(archive.storage, breakers=breakers)
+    breaker = breakers.breaker(remote_ae_dependency(DEST_AE, "127.0.0.1", port))
+    model = StudyRootQueryRetrieveInformationModelMove
+    assoc = _associate(gateway, model)
+    identifier = _identifier("STUDY", StudyInstanceUID=s.p1_second_study)
+    try:
+        for _ in range(2):
+            assert _move(assoc, model, identifier).statuses == [ALL_FAILED]
+        assert breaker.state is BreakerState.OPEN
+        # Something listens now, but the open circuit keeps the gateway from dialling.
+        with socket.create_server(("127.0.0.1", port)) as listener:
+            listener.settimeout(0.5)
+            answer = _move(assoc, model, identifier)
+            with pytest.raises(TimeoutError):
+                listener.accept()
+    finally:
+        assoc.release()
+    assert answer.statuses == [ALL_FAILED]
     assert "cannot associate with DEST" in str(answer.final.ErrorComment)
 
 

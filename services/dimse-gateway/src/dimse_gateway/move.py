@@ -58,6 +58,7 @@ from pacs_common.db.blocking import BlockingPool
 from pacs_common.jobs import JobState
 from pacs_common.nodes import Operation, RemoteNode, RemoteNodeRepository
 from pacs_common.query import QueryClient, RetrievableInstance
+from pacs_common.resilience import CircuitOpenError, Dependencies, remote_ae_dependency
 from pacs_common.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
@@ -101,8 +102,13 @@ class MoveHandler:
         jobs: MoveJobs | None = None,
         restores: RestoreRequests | None = None,
         access: AccessRecords | None = None,
+        breakers: Dependencies | None = None,
     ) -> None:
         self._settings = settings
+        # One circuit breaker per destination: a workstation that is off is
+        # not dialled (and waited for, up to the connect timeout) by every
+        # C-MOVE until it answers again.
+        self._breakers = breakers or Dependencies()
         self._query = query
         self._nodes = nodes
         self._sender = SubOperationSender(files, metrics, OPERATION, restores=restores, access=access)
@@ -211,6 +217,26 @@ class MoveHandler:
         return node
 
     def _associate(self, node: RemoteNode, instances: list[RetrievableInstance]) -> Association | None:
+        breaker = self._breakers.breaker(remote_ae_dependency(node.ae_title, node.host, node.port))
+        try:
+            breaker.before_call()
+        except CircuitOpenError as exc:
+            logger.warning("C-MOVE: not associating with %s: %s", node.ae_title, exc)
+            return None
+        try:
+            store_assoc = self._request_association(node, instances)
+        except BaseException:
+            breaker.abandon()
+            raise
+        if store_assoc is None:
+            breaker.record_failure()
+        else:
+            breaker.record_success()
+        return store_assoc
+
+    def _request_association(
+        self, node: RemoteNode, instances: list[RetrievableInstance]
+    ) -> Association | None:
         settings = self._settings
         ae = AE(ae_title=settings.ae_title)
         ae.connection_timeout = settings.retrieve_connect_timeout_seconds
