@@ -49,6 +49,12 @@ class BrokerSettings(BaseSettings):
     # Delays of the retry queues, one queue per attempt; a message that has
     # failed once per delay goes to the dead-letter queue.
     retry_delays_ms: list[int] = Field(default=[1_000, 10_000, 60_000], min_length=1)
+    # Optional hard cap of the ingest queue (x-max-length, x-overflow
+    # reject-publish): a publish into a full queue is nacked and the receiver
+    # answers failure.  Receivers already refuse new work at
+    # PACS_BACKPRESSURE_MAX_INGEST_BACKLOG, which bounds the queue; set this
+    # when installing, because RabbitMQ refuses to re-declare an existing
+    # queue with a different cap (it would have to be drained and deleted).
     ingest_queue_max_length: int | None = Field(default=None, ge=1)
 
 
@@ -137,6 +143,9 @@ class TelemetrySettings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     # OTLP/HTTP traces endpoint, e.g. http://otel-collector:4318/v1/traces; none = no export.
     otlp_endpoint: str | None = None
+    # Share of new traces recorded (1.0 = all); spans continuing a caller's
+    # trace follow the caller's decision.
+    trace_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
     service_instance: str | None = None
 
 
