@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from collections.abc import Callable
 
@@ -132,3 +133,38 @@ def test_breaker_fails_fast_while_the_service_is_down_and_recovers_when_it_is_ba
         assert client.guard.breaker.state.name == BreakerState.CLOSED.name
     finally:
         client.close()
+
+
+def test_a_connection_closed_without_an_answer_is_repeated() -> None:
+    """What a reused keep-alive connection meets when the server closed it for
+    idleness at that moment ("Server disconnected without sending a
+    response"): the query is sent again, the caller sees only the answer."""
+    body = b'{"instances": []}'
+    answer = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        + f"content-length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    connections: list[int] = []
+
+    def serve(listener: socket.socket) -> None:
+        for number in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                connections.append(number)
+                conn.recv(65536)  # the whole (small) request
+                if number == 1:
+                    conn.sendall(answer)
+                # the first: closed without a byte of response
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        thread = threading.Thread(target=serve, args=(listener,), daemon=True)
+        thread.start()
+        deps = dependencies()
+        client = QueryClient(f"http://127.0.0.1:{listener.getsockname()[1]}", dependencies=deps)
+        try:
+            assert client.retrieve(REQUEST) == []
+        finally:
+            client.close()
+        thread.join(5)
+    assert connections == [0, 1]

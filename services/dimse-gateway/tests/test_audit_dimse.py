@@ -171,7 +171,7 @@ async def test_a_c_store_association_is_one_event_listing_its_studies(
     assert (row["actor"], row["actor_method"], row["source_address"]) == (MODALITY_AE, "dimse", "127.0.0.1")
     assert row["action"] == "C" and row["outcome"] == 0
     assert list(row["study_uids"]) == [STUDY_A, STUDY_B]
-    assert '"stored": 3' in row["details"] and '"operation": "C-STORE"' in row["details"]
+    assert row["details"]["stored"] == 3 and row["details"]["operation"] == "C-STORE"
 
 
 async def test_a_c_find_is_a_query_with_the_calling_ae_title(
@@ -189,7 +189,8 @@ async def test_a_c_find_is_a_query_with_the_calling_ae_title(
     [row] = rows
     assert (row["actor"], row["actor_method"], row["source_address"]) == (MODALITY_AE, "dimse", "127.0.0.1")
     assert row["action"] == "E" and row["outcome"] == 0 and row["patient_id"] == "DIMSE-1"
-    assert StudyRootQueryRetrieveInformationModelFind in row["objects"]
+    [query] = [o for o in row["objects"] if o["type"] == "query"]
+    assert query["id"] == StudyRootQueryRetrieveInformationModelFind
     # An association that ends without storing anything leaves no C-STORE event.
     assert await _rows(db_pool, "110104") == []
 

@@ -88,9 +88,17 @@ def _guard(dependencies: Dependencies | None) -> DependencyGuard:
 
 
 def _unreachable(exc: httpx.HTTPError) -> QueryUnavailableError:
-    # No connection made: the request never reached the service.
-    connect_failed = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
-    return QueryUnavailableError(f"query-service unreachable: {exc!r}", retry_safe=connect_failed)
+    """A request that got no response.  Repeating it is safe when no
+    connection was made, or when the server closed the connection before
+    answering: most often a pooled keep-alive connection the server closed
+    for idleness just as it was reused ("Server disconnected without sending
+    a response").  Queries only read, so even one the service had started
+    costs nothing to repeat; a timeout is not repeated (it would double the
+    wait)."""
+    no_response = isinstance(
+        exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout | httpx.RemoteProtocolError
+    )
+    return QueryUnavailableError(f"query-service unreachable: {exc!r}", retry_safe=no_response)
 
 
 def _circuit_open(exc: CircuitOpenError) -> QueryUnavailableError:
