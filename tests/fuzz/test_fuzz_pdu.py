@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import struct
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,17 +42,12 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AddressInformation
 
-from pacs_common.db.migrate import drop_database
 from pacs_common.localrun.runner import LocalSystem
-from pacs_common.messaging.broker import Broker
-from pacs_common.messaging.topology import Topology, delete_topology
-from pacs_common.settings import BrokerSettings, DatabaseSettings
+from pacs_e2e.system import running_system
 
 pytestmark = [pytest.mark.fuzz]
 
 GATEWAY_AE = "PACS"
-SERVER_DB_URL = os.environ.get("PACS_TEST_DB_SERVER_URL", "postgresql://postgres@127.0.0.1:5432")
-SERVER_AMQP_URL = os.environ.get("PACS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 # How long one case may take to be answered or closed (the gateway's ARTIM is 2 s here).
 CASE_TIMEOUT_SECONDS = 6.0
 # A gateway that says nothing for this long waits for more bytes (a PDU longer than what was sent).
@@ -102,63 +95,35 @@ class FuzzTarget:
         return self.system.gateways[0].alive()
 
 
-async def _delete_namespace(namespace: str) -> None:
-    settings = BrokerSettings(url=SERVER_AMQP_URL, namespace=namespace)
-    broker = await Broker.connect(settings, declare=False)
-    try:
-        await delete_topology(broker.channel, Topology.from_settings(settings))
-    finally:
-        await broker.close()
-
-
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget]:
     base = tmp_path_factory.mktemp("fuzz-pdu")
-    tag = uuid.uuid4().hex[:10]
-    database_url = f"{SERVER_DB_URL}/pacs_fuzz_{tag}"
-    namespace = f"fuzz{tag}."
-    system = LocalSystem(
+    # The gateway alone: nothing may reach a worker or an index anyway.
+    with running_system(
         base,
-        gateways=1,
         workers=0,
         query_services=0,
         dicomweb_services=0,
-        hsm_migrators=0,
-        prefetch_schedulers=0,
-        ai_connectors=0,
-        database_url=database_url,
-        broker_url=SERVER_AMQP_URL,
-        namespace=namespace,
-        data_dir=base / "data",
-        gateway_port=0,
-        http_port_base=0,
-        extra_env={
-            "PACS_TELEMETRY_LOG_FORMAT": "json",
-            "PACS_GATEWAY_ACSE_TIMEOUT_SECONDS": "2",
-            "PACS_GATEWAY_NETWORK_TIMEOUT_SECONDS": "2",
-        },
-        out=None,
-    )
-    system.start()
+        extra_env={"PACS_GATEWAY_ACSE_TIMEOUT_SECONDS": "2", "PACS_GATEWAY_NETWORK_TIMEOUT_SECONDS": "2"},
+    ) as system:
+        yield from _fuzzed(system, base)
+
+
+def _fuzzed(system: LocalSystem, base: Path) -> Iterator[FuzzTarget]:
     fuzz = FuzzTarget(system)
     rss_before = fuzz.rss_kib()
-    try:
-        yield fuzz
-        assert fuzz.alive(), "the gateway process died"
-        rss_after = fuzz.rss_kib()
-        stored = [p for p in (base / "data" / "hot").rglob("*") if p.is_file()]
-        print(
-            f"\nPDU fuzz: {sum(fuzz.outcomes.values())} cases {dict(fuzz.outcomes)}; "
-            f"gateway RSS {rss_before} KiB before, {rss_after} KiB after"
-        )
-        assert stored == [], f"fuzzing stored objects: {stored[:5]}"
-        assert _instances(database_url) == 0
-        # Bounded: no per-case leak (a generous bound; the figure is printed above).
-        assert rss_after < rss_before + 200 * 1024
-    finally:
-        system.stop()
-        drop_database(DatabaseSettings(url=database_url))
-        asyncio.run(_delete_namespace(namespace))
+    yield fuzz
+    assert fuzz.alive(), "the gateway process died"
+    rss_after = fuzz.rss_kib()
+    stored = [p for p in (base / "data" / "hot").rglob("*") if p.is_file()]
+    print(
+        f"\nPDU fuzz: {sum(fuzz.outcomes.values())} cases {dict(fuzz.outcomes)}; "
+        f"gateway RSS {rss_before} KiB before, {rss_after} KiB after"
+    )
+    assert stored == [], f"fuzzing stored objects: {stored[:5]}"
+    assert _instances(system.database_url) == 0
+    # Bounded: no per-case leak (a generous bound; the figure is printed above).
+    assert rss_after < rss_before + 200 * 1024
 
 
 def _instances(database_url: str) -> int:

@@ -18,13 +18,11 @@ plain port unaffected; and a C-MOVE to a node marked ``tls`` delivered to
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import ipaddress
 import json
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,15 +39,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from pacs_common.db.migrate import drop_database
 from pacs_common.localrun.infra import find_free_port
 from pacs_common.localrun.runner import LocalSystem
-from pacs_common.messaging.broker import Broker
-from pacs_common.messaging.topology import Topology, delete_topology
 from pacs_common.nodes import Operation, RemoteNodeCreate, RemoteNodeRepository
-from pacs_common.settings import BrokerSettings, DatabaseSettings
 from pacs_e2e.dcmtk import DCMTK_ENV, Result, dcmtk_available, run, tool
-from pacs_e2e.system import SERVER_AMQP_URL, SERVER_DB_URL, TEST_ENV
+from pacs_e2e.system import running_system
 
 pytestmark = pytest.mark.skipif(not dcmtk_available(), reason="needs DCMTK")
 
@@ -235,54 +229,12 @@ def pacs(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[TlsPacs
         "PACS_GATEWAY_POLICY_MODE": "registry",
         "PACS_GATEWAY_POLICY_CACHE_SECONDS": "1",
     }
-    with _gateway_worker_query(tmp_path_factory.mktemp("pacs"), env) as system:
+    # What C-STORE and C-MOVE need: gateway, worker, query-service; no dicomweb-api.
+    with running_system(tmp_path_factory.mktemp("pacs"), dicomweb_services=0, extra_env=env) as system:
         pacs = TlsPacs(system, tls_port, pki)
         for ae_title, operations in DCMTK_NODES.items():
             _register(pacs, RemoteNodeCreate(ae_title=ae_title, host="127.0.0.1", port=104), operations)
         yield pacs
-
-
-@contextlib.contextmanager
-def _gateway_worker_query(base: Path, env: dict[str, str]) -> Iterator[LocalSystem]:
-    """What C-STORE and C-MOVE need (gateway, worker, query-service; no
-    dicomweb-api) on a database and broker namespace of their own."""
-    tag = uuid.uuid4().hex[:10]
-    database_url = f"{SERVER_DB_URL}/pacs_tls_{tag}"
-    namespace = f"tls{tag}."
-    system = LocalSystem(
-        base,
-        gateways=1,
-        workers=1,
-        query_services=1,
-        dicomweb_services=0,
-        hsm_migrators=0,
-        prefetch_schedulers=0,
-        ai_connectors=0,
-        database_url=database_url,
-        broker_url=SERVER_AMQP_URL,
-        namespace=namespace,
-        data_dir=base / "data",
-        gateway_port=0,
-        http_port_base=0,
-        extra_env={**TEST_ENV, **env},
-        out=None,
-    )
-    system.start()
-    try:
-        yield system
-    finally:
-        system.stop()
-        drop_database(DatabaseSettings(url=database_url))
-        asyncio.run(_delete_namespace(namespace))
-
-
-async def _delete_namespace(namespace: str) -> None:
-    settings = BrokerSettings(url=SERVER_AMQP_URL, namespace=namespace)
-    broker = await Broker.connect(settings, declare=False)
-    try:
-        await delete_topology(broker.channel, Topology.from_settings(settings))
-    finally:
-        await broker.close()
 
 
 def tls_echo(pacs: TlsPacs, *tls_args: str, port: int | None = None) -> Result:

@@ -45,6 +45,8 @@ def running_system(
     *,
     gateways: int = 1,
     workers: int = 1,
+    query_services: int = 1,
+    dicomweb_services: int = 1,
     hsm_migrators: int = 0,
     prefetch_schedulers: int = 0,
     ai_connectors: int = 0,
@@ -56,7 +58,8 @@ def running_system(
 
     The background services (hsm-migrator, prefetch-scheduler, ai-connector)
     start only where a test asks for them: the others test the front doors
-    and would only pay for their start-up."""
+    and would only pay for their start-up.  A test of the DICOM side alone
+    may leave out the dicomweb-api (and the query-service) the same way."""
     tag = uuid.uuid4().hex[:10]
     database_url = None if throwaway_infra else f"{SERVER_DB_URL}/pacs_e2e_{tag}"
     broker_url = None if throwaway_infra else SERVER_AMQP_URL
@@ -65,6 +68,8 @@ def running_system(
         base,
         gateways=gateways,
         workers=workers,
+        query_services=query_services,
+        dicomweb_services=dicomweb_services,
         hsm_migrators=hsm_migrators,
         prefetch_schedulers=prefetch_schedulers,
         ai_connectors=ai_connectors,
