@@ -198,6 +198,33 @@ def test_a_success_resets_the_failure_count() -> None:
     assert breaker.state is BreakerState.CLOSED
 
 
+def _state_of(breaker: CircuitBreaker) -> BreakerState:
+    return breaker.state  # read anew (mypy would keep the state narrowed by an earlier assert)
+
+
+def test_an_attempt_block_counts_its_failures_successes_and_cancellations() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker("dep", failure_threshold=2, reset_timeout_seconds=10, clock=clock)
+    with pytest.raises(ConnectionRefusedError), breaker.attempt(ConnectionRefusedError):
+        raise ConnectionRefusedError
+    with breaker.attempt(ConnectionRefusedError):
+        pass  # a success resets the count
+    for _ in range(2):
+        with pytest.raises(ConnectionRefusedError), breaker.attempt(ConnectionRefusedError):
+            raise ConnectionRefusedError
+    assert breaker.state is BreakerState.OPEN
+    with pytest.raises(CircuitOpenError), breaker.attempt(ConnectionRefusedError):
+        raise AssertionError("an open breaker must not let the block run")
+    clock.now += 10
+    # The half-open trial is cancelled: nothing counted, the slot is free for the next.
+    with pytest.raises(asyncio.CancelledError), breaker.attempt(ConnectionRefusedError):
+        raise asyncio.CancelledError
+    assert _state_of(breaker) is BreakerState.HALF_OPEN
+    with breaker.attempt(ConnectionRefusedError):
+        pass
+    assert _state_of(breaker) is BreakerState.CLOSED
+
+
 def test_half_open_lets_one_trial_through_which_closes_or_reopens() -> None:
     clock = FakeClock()
     changes: list[BreakerState] = []

@@ -68,6 +68,10 @@ _SUB_ASSOCIATION_POLL_SECONDS = 0.0001
 OPERATION = "C-MOVE"
 
 
+class _NoAssociationError(Exception):
+    """The destination did not accept an association (for its circuit breaker)."""
+
+
 class NodeDirectory(Protocol):
     """Finds a registered node by AE title (blocking)."""
 
@@ -219,20 +223,16 @@ class MoveHandler:
     def _associate(self, node: RemoteNode, instances: list[RetrievableInstance]) -> Association | None:
         breaker = self._breakers.breaker(remote_ae_dependency(node.ae_title, node.host, node.port))
         try:
-            breaker.before_call()
+            with breaker.attempt(_NoAssociationError):
+                store_assoc = self._request_association(node, instances)
+                if store_assoc is None:
+                    raise _NoAssociationError
+                return store_assoc
         except CircuitOpenError as exc:
             logger.warning("C-MOVE: not associating with %s: %s", node.ae_title, exc)
-            return None
-        try:
-            store_assoc = self._request_association(node, instances)
-        except BaseException:
-            breaker.abandon()
-            raise
-        if store_assoc is None:
-            breaker.record_failure()
-        else:
-            breaker.record_success()
-        return store_assoc
+        except _NoAssociationError:
+            pass  # _request_association logged why
+        return None
 
     def _request_association(
         self, node: RemoteNode, instances: list[RetrievableInstance]

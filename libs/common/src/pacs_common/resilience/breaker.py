@@ -13,9 +13,10 @@ clock is injected: tests drive time by hand.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import IntEnum
 
 __all__ = ["BreakerState", "CircuitBreaker", "CircuitOpenError", "StateListener"]
@@ -111,6 +112,24 @@ class CircuitBreaker:
                 self._state = changed = BreakerState.OPEN
                 self._opened_at = self._clock()
         self._notify(changed)
+
+    @contextlib.contextmanager
+    def attempt(self, failure: type[BaseException] | tuple[type[BaseException], ...]) -> Iterator[None]:
+        """One call through the breaker, for code that cannot be a callable
+        (awaits, several statements): raises :class:`CircuitOpenError` when
+        refused; a ``failure`` raised inside counts against the dependency,
+        any other exception (a cancellation) counts nothing, a normal exit
+        counts as success."""
+        self.before_call()
+        try:
+            yield
+        except failure:
+            self.record_failure()
+            raise
+        except BaseException:
+            self.abandon()
+            raise
+        self.record_success()
 
     def abandon(self) -> None:
         """A call that ended without saying whether the dependency works

@@ -157,16 +157,8 @@ class Dispatcher:
                 heartbeat = asyncio.create_task(self._keep_claim(claim))
                 breaker = self._breakers.breaker(remote_ae_dependency(node.ae_title, node.host, node.port))
                 try:
-                    breaker.before_call()
-                    try:
+                    with breaker.attempt(AssociationFailedError):
                         results = await asyncio.to_thread(self._sender.send, node, instances)
-                    except AssociationFailedError:
-                        breaker.record_failure()
-                        raise
-                    except BaseException:
-                        breaker.abandon()
-                        raise
-                    breaker.record_success()
                 except (AssociationFailedError, CircuitOpenError) as exc:
                     logger.warning("forwarding to %s: %s", destination, exc)
                     self._metrics.association_failures.labels(destination).inc()

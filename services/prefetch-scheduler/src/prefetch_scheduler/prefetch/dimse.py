@@ -171,19 +171,10 @@ class RemotePacs:
     def _associate(self, peer: Peer, context: str, dimse_timeout: float) -> Association:
         breaker = self._breakers.breaker(remote_ae_dependency(peer.ae_title, peer.host, peer.port))
         try:
-            breaker.before_call()
+            with breaker.attempt(AssociationFailedError):
+                return self._request_association(peer, context, dimse_timeout)
         except CircuitOpenError as exc:
             raise AssociationFailedError(f"not associating with {peer}: {exc}") from exc
-        try:
-            assoc = self._request_association(peer, context, dimse_timeout)
-        except AssociationFailedError:
-            breaker.record_failure()
-            raise
-        except BaseException:
-            breaker.abandon()
-            raise
-        breaker.record_success()
-        return assoc
 
     def _request_association(self, peer: Peer, context: str, dimse_timeout: float) -> Association:
         ae = AE(ae_title=self._calling)
