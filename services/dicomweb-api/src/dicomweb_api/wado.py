@@ -142,13 +142,25 @@ def _storages(context: ApiContext, instances: list[RetrievableInstance]) -> dict
     return storages
 
 
-def _is_archived(storage: ObjectStorage, key: str) -> bool:
+def _probe(storage: ObjectStorage, instance: RetrievableInstance) -> bool:
+    """Read one byte of the object: True when it is archived; an object store
+    that is down (or whose circuit is open) is 503, a missing object 500."""
+    location = instance.location
     try:
-        storage.read_range(key, 0, 1)
+        storage.read_range(location.key, 0, 1)
     except ObjectArchivedError:
         return True
-    except StorageError:
-        return False  # not this check's business: the read reports it
+    except ObjectNotFoundError as exc:
+        logger.error("indexed object missing", extra={"key": location.key, "tier": location.tier})
+        raise HTTPException(
+            status_code=500, detail=f"stored object of {instance.sop_instance_uid} is missing"
+        ) from exc
+    except StorageError as exc:
+        raise HTTPException(
+            status_code=503,
+            detail=f"storage tier {location.tier} unavailable: {exc}",
+            headers={"Retry-After": str(_STORAGE_RETRY_AFTER_SECONDS)},
+        ) from exc
     return False
 
 
@@ -157,44 +169,25 @@ async def _check_readable(
 ) -> None:
     """Before a multipart body starts (it cannot be taken back): instances
     the index lists as not ONLINE, and objects on archive-capable tiers that
-    turn out archived, answer 503 after their restores were requested."""
+    turn out archived, answer 503 after their restores were requested.  The
+    first object is read whatever its tier, so an object store that is down
+    answers 503 rather than a body broken off after its headers (an outage
+    that starts mid-body can still only break the body off)."""
     await check_online(context, ((i.sop_instance_uid, i.availability) for i in instances))
-    probed = [i for i in instances if may_hold_archived(storages[i.location.tier])]
-    if not probed:
-        return
+    probed = [
+        instance
+        for number, instance in enumerate(instances)
+        if number == 0 or may_hold_archived(storages[instance.location.tier])
+    ]
     limit = asyncio.Semaphore(_PROBE_CONCURRENCY)
 
     async def archived(instance: RetrievableInstance) -> bool:
         async with limit:
-            storage = storages[instance.location.tier]
-            return await asyncio.to_thread(_is_archived, storage, instance.location.key)
+            return await asyncio.to_thread(_probe, storages[instance.location.tier], instance)
 
     flags = await asyncio.gather(*(archived(i) for i in probed))
     if found := [i.sop_instance_uid for i, flag in zip(probed, flags, strict=True) if flag]:
         raise await restoring(context, found)
-
-
-async def _check_storage_reachable(storages: dict[str, ObjectStorage], first: RetrievableInstance) -> None:
-    """Before the 200 goes out: read one byte of the first object, so an
-    object store that is down (or whose circuit is open) answers 503 rather
-    than a multipart body broken off after its headers.  An outage that
-    starts mid-body can still only break the body off."""
-    storage = storages[first.location.tier]
-    try:
-        await asyncio.to_thread(storage.read_range, first.location.key, 0, 1)
-    except ObjectArchivedError:
-        return  # _check_readable's business; archived since then: the body reports it
-    except ObjectNotFoundError as exc:
-        logger.error("indexed object missing", extra={"key": first.location.key, "tier": first.location.tier})
-        raise HTTPException(
-            status_code=500, detail=f"stored object of {first.sop_instance_uid} is missing"
-        ) from exc
-    except StorageError as exc:
-        raise HTTPException(
-            status_code=503,
-            detail=f"storage tier {first.location.tier} unavailable: {exc}",
-            headers={"Retry-After": str(_STORAGE_RETRY_AFTER_SECONDS)},
-        ) from exc
 
 
 def _read_chunk(stream: BinaryIO) -> bytes:
@@ -313,7 +306,6 @@ async def _retrieve_instances(
         return not_modified(tag)
     storages = _storages(context, instances)
     await _check_readable(context, instances, storages)
-    await _check_storage_reachable(storages, instances[0])
     context.record_access(study, [i.sop_instance_uid for i in instances])
     writer = MultipartWriter(DICOM)
     headers = {"ETag": tag, "Vary": "Accept", **CORP_HEADERS}
